@@ -1,0 +1,89 @@
+"""QuantConfig: what to quantize to how many bits. A frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..quant.ranges import check_bits
+
+_OVERRIDE_KEYS = ("weight_bits", "act_bits")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths for LSQ quantization-aware training.
+
+    weight_bits, act_bits: bits of every conv/linear weight and every activation (2..8).
+    per_channel: one weight step size per output channel (True) or per tensor (False).
+    first_last_bits: bits of the first layer's weights and of the last layer's weights and input
+        activation (the LSQ paper keeps them at 8); None = the same as the rest.
+    input_bits: bits of the quantized network input (after normalization; signed).
+    overrides: module-name pattern (fnmatch, e.g. ``"layers.2.*"``) -> ``{"weight_bits": b,
+        "act_bits": b}``; act_bits applies to the activation a matching layer produces.
+        The last matching pattern wins.
+
+    >>> QuantConfig(weight_bits=3, act_bits=3).weight_bits
+    3
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    per_channel: bool = True
+    first_last_bits: int | None = 8
+    input_bits: int = 8
+    overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        check_bits(self.input_bits, "input_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"per_channel must be True or False, got {self.per_channel!r}")
+        if not isinstance(self.overrides, Mapping):
+            raise TypeError(
+                "overrides must map a module-name pattern to {'weight_bits': b, 'act_bits': b}"
+            )
+        frozen = {}
+        for pattern, spec in self.overrides.items():
+            if not isinstance(spec, Mapping):
+                raise TypeError(
+                    f"override {pattern!r}: expected a dict like {{'weight_bits': 3}}, got {spec!r}"
+                )
+            for key, bits in spec.items():
+                if key not in _OVERRIDE_KEYS:
+                    import difflib
+
+                    close = difflib.get_close_matches(key, _OVERRIDE_KEYS, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"override {pattern!r}: unknown key {key!r}{hint}")
+                check_bits(bits, f"overrides[{pattern!r}][{key!r}]")
+            frozen[str(pattern)] = MappingProxyType(dict(spec))
+        object.__setattr__(self, "overrides", MappingProxyType(frozen))
+
+    def override_for(self, module_name: str, key: str) -> int | None:
+        """Bits set for ``module_name`` by the last matching override pattern, or None."""
+        found = None
+        for pattern, spec in self.overrides.items():
+            if key in spec and fnmatch.fnmatchcase(module_name, pattern):
+                found = spec[key]
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"QuantConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)

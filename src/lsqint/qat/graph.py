@@ -1,0 +1,129 @@
+"""What each fx node of a (prepared) model means to lsqint: one classification used by prepare and
+convert, so the two never disagree about which ops exist."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from ..models.common import Normalize
+from ..quant import LSQQuantizer
+from .modules import QuantConv2d, QuantLinear
+
+
+class UnsupportedOpError(ValueError):
+    """The model uses a layer or function lsqint cannot quantize or convert."""
+
+
+class LsqintTracer(fx.Tracer):
+    """torch.fx tracer that keeps lsqint's own modules as single (leaf) nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, Normalize | LSQQuantizer | QuantConv2d | QuantLinear):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = LsqintTracer().trace(model)
+    except Exception as err:  # fx raises many types; give one clear message
+        raise UnsupportedOpError(
+            f"torch.fx could not trace {type(model).__name__}: {err}. lsqint needs an "
+            "fx-traceable model (no data-dependent control flow in forward)"
+        ) from err
+    name = type(model).__name__
+    return fx.GraphModule(model, graph, name)
+
+
+# Node kinds. Producers create a new integer tensor (an activation quantizer follows them);
+# pass-through ops move codes without changing their scale.
+PRODUCERS = {"normalize", "conv", "linear", "add", "avgpool"}
+ACTIVATIONS = {"relu", "relu6"}
+PASS_THROUGH = {"maxpool", "flatten", "dropout", "identity"}
+
+_MODULE_KINDS: list[tuple[type, str]] = [
+    (Normalize, "normalize"),
+    (LSQQuantizer, "quantizer"),
+    (QuantConv2d, "conv"),
+    (QuantLinear, "linear"),
+    (nn.Conv2d, "conv"),
+    (nn.Linear, "linear"),
+    (nn.BatchNorm2d, "batchnorm"),
+    (nn.ReLU, "relu"),
+    (nn.ReLU6, "relu6"),
+    (nn.MaxPool2d, "maxpool"),
+    (nn.AvgPool2d, "avgpool"),
+    (nn.AdaptiveAvgPool2d, "avgpool"),
+    (nn.Flatten, "flatten"),
+    (nn.Dropout, "dropout"),
+    (nn.Identity, "identity"),
+]
+
+_FUNCTION_KINDS = {
+    operator.add: "add",
+    torch.add: "add",
+    torch.relu: "relu",
+    F.relu: "relu",
+    F.relu6: "relu6",
+    torch.flatten: "flatten",
+    F.max_pool2d: "maxpool",
+    F.avg_pool2d: "avgpool",
+    F.adaptive_avg_pool2d: "avgpool",
+    F.dropout: "dropout",
+}
+
+_METHOD_KINDS = {"relu": "relu", "flatten": "flatten", "contiguous": "identity"}
+
+
+def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The lsqint kind of ``node``, or None when lsqint does not support it."""
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Hardtanh) and not isinstance(module, nn.ReLU6):
+            return "relu6" if (module.min_val, module.max_val) == (0.0, 6.0) else None
+        for cls, kind in _MODULE_KINDS:
+            if isinstance(module, cls):
+                return kind
+        return None
+    if node.op == "call_function":
+        if node.target is F.hardtanh:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+            return "relu6" if (lo, hi) == (0.0, 6.0) else None
+        if node.target is input_scale_of:
+            return "scale"
+        kind = _FUNCTION_KINDS.get(node.target)
+        if kind == "add" and not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            return None  # adding a constant has no integer op
+        if kind == "add" and (len(node.args) > 2 or node.kwargs):
+            return None  # torch.add(..., alpha=...)
+        return kind
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target)
+    return None
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """'node <name> (<op> <target>)' for error messages."""
+    if node.op == "call_module":
+        target = f"{type(gm.get_submodule(node.target)).__name__} '{node.target}'"
+    elif node.op == "call_function":
+        target = getattr(node.target, "__name__", str(node.target))
+    else:
+        target = str(node.target)
+    return f"node '{node.name}' ({node.op} {target})"
+
+
+def input_scale_of(scale: torch.Tensor) -> torch.Tensor:
+    """Graph helper: the positive step size of an activation quantizer, fed to the next layer."""
+    from ..quant import MIN_SCALE
+
+    return scale.clamp(min=MIN_SCALE)
+
+

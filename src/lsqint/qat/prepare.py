@@ -1,0 +1,263 @@
+"""prepare_qat: a plain float model -> an fx.GraphModule with BN folded and LSQ quantizers inserted.
+
+Written as a list of small passes, each ``pass(gm, ...) -> None`` editing the graph in place:
+
+    fold_batchnorm_           conv -> BN           becomes  conv' (weight and bias absorb BN)
+    insert_weight_quantizers_ Conv2d / Linear      becomes  QuantConv2d / QuantLinear
+    insert_act_quantizers_    producer [-> ReLU]   gets     -> LSQQuantizer after it
+    connect_input_scales_     each quantized layer receives its input's step size (bias quant)
+    check_quantized_inputs    every conv/linear/add/pool reads codes, or the model is refused
+
+DESIGN section 4 places activation quantizers: the network input after normalization, conv/linear
+outputs (after a fused ReLU/ReLU6), residual add outputs and average-pool outputs. Max-pool,
+flatten and dropout pass codes through. The last layer's output (the logits) is not quantized to
+a narrow code: the integer program keeps it as an int32 accumulator on one common scale.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from ..quant import LSQQuantizer
+from .config import QuantConfig
+from .graph import (
+    ACTIVATIONS,
+    PASS_THROUGH,
+    PRODUCERS,
+    UnsupportedOpError,
+    describe,
+    input_scale_of,
+    node_kind,
+    trace,
+)
+from .modules import QuantConv2d, QuantLinear
+
+
+def prepare_qat(
+    model: nn.Module, config: QuantConfig, example_input: torch.Tensor
+) -> fx.GraphModule:
+    """Trace ``model``, fold its BatchNorms and insert LSQ quantizers; returns the QAT model.
+
+    The input model is not modified. ``example_input`` (uint8 or 0..255 floats, shape (N, C, H, W))
+    fixes the input shape recorded for conversion. Weight step sizes are initialized here;
+    activation step sizes on the first training-mode forward pass (see ``calibrate_``).
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    model = copy.deepcopy(model)
+    gm = trace(model)
+    check_supported(gm)
+    fold_batchnorm_(gm)
+    insert_weight_quantizers_(gm, config)
+    insert_act_quantizers_(gm, config)
+    connect_input_scales_(gm)
+    check_quantized_inputs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    gm.lsqint_input_shape = tuple(example_input.shape[1:])
+    gm.lsqint_config = config
+    with torch.no_grad():  # a dry run in eval mode would fail (uninitialized); check shapes only
+        gm.train(model.training)
+    return gm
+
+
+def check_supported(gm: fx.GraphModule) -> None:
+    """Refuse the model at the first node lsqint has no integer semantics for."""
+    for node in gm.graph.nodes:
+        if node_kind(gm, node) is None:
+            raise UnsupportedOpError(
+                f"unsupported {describe(gm, node)}: lsqint converts Conv2d, Linear, BatchNorm2d, "
+                "ReLU/ReLU6, add, max/avg pooling, flatten and dropout; rewrite this part of the "
+                "model with those"
+            )
+
+
+# -- pass 1: BN folding ---------------------------------------------------------------------------
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv equal (in eval mode) to bn(conv(x)):
+
+    w' = w * gamma / sqrt(var + eps)           (per output channel)
+    b' = (b - mean) * gamma / sqrt(var + eps) + beta
+    """
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise UnsupportedOpError("BatchNorm without running statistics cannot be folded")
+    folded = copy.deepcopy(conv)
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias.double() if bn.affine else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    weight = conv.weight.double() * factor.view(-1, 1, 1, 1)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(factor)
+    bias = (bias - bn.running_mean.double()) * factor + beta
+    folded.weight.data = weight.to(conv.weight.dtype)
+    folded.bias = nn.Parameter(bias.to(conv.weight.dtype))
+    return folded
+
+
+def fold_batchnorm_(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node_kind(gm, node) != "batchnorm":
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and node_kind(gm, src) == "conv" and len(src.users) == 1):
+            raise UnsupportedOpError(
+                f"cannot fold {describe(gm, node)}: a BatchNorm must directly follow a Conv2d "
+                "whose output nothing else reads"
+            )
+        folded = fold_bn_into_conv(gm.get_submodule(src.target), gm.get_submodule(node.target))
+        _set_submodule(gm, src.target, folded)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        _set_submodule(gm, node.target, nn.Identity())  # keep names stable, drop the BN state
+    gm.delete_all_unused_submodules()
+
+
+def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, module)
+
+
+# -- pass 2: weight quantizers --------------------------------------------------------------------
+def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if node_kind(gm, n) in ("conv", "linear")]
+
+
+def _skip_pass_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back from node through pass-through ops and fused activations to its producer."""
+    while node_kind(gm, node) in PASS_THROUGH | ACTIVATIONS | {"quantizer"}:
+        node = node.args[0]
+    return node
+
+
+def last_layer(gm: fx.GraphModule) -> fx.Node | None:
+    """The conv/linear whose output is the model output (the logits), if there is one."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, fx.Node):
+        raise UnsupportedOpError("the model must return one tensor of logits")
+    producer = result
+    while node_kind(gm, producer) in PASS_THROUGH:
+        producer = producer.args[0]
+    return producer if node_kind(gm, producer) in ("conv", "linear") else None
+
+
+def insert_weight_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
+    layers = _layer_nodes(gm)
+    if not layers:
+        raise UnsupportedOpError("the model has no Conv2d or Linear layer to quantize")
+    edge = {layers[0].name}
+    last = last_layer(gm)
+    if last is not None:
+        edge.add(last.name)
+    for node in layers:
+        layer = gm.get_submodule(node.target)
+        bits = config.weight_bits
+        if node.name in edge and config.first_last_bits is not None:
+            bits = config.first_last_bits
+        bits = config.override_for(node.target, "weight_bits") or bits
+        channels = layer.weight.shape[0]
+        quantizer = LSQQuantizer(bits, signed=True, per_channel=config.per_channel,
+                                 num_channels=channels if config.per_channel else 1)
+        quantizer.init_from_(layer.weight)
+        quantizer.to(layer.weight.device)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        _set_submodule(gm, node.target, cls(layer, quantizer))
+
+
+# -- pass 3: activation quantizers ----------------------------------------------------------------
+def _fused_end(gm: fx.GraphModule, producer: fx.Node) -> tuple[fx.Node, str | None]:
+    """The node after which the quantizer goes: a ReLU/ReLU6 that alone reads the producer."""
+    users = list(producer.users)
+    if len(users) == 1 and node_kind(gm, users[0]) in ACTIVATIONS:
+        return users[0], node_kind(gm, users[0])
+    return producer, None
+
+
+def _feeds_last_layer(gm: fx.GraphModule, node: fx.Node, last: fx.Node | None) -> bool:
+    if last is None:
+        return False
+    return _skip_pass_through(gm, last.args[0]) is _skip_pass_through(gm, node)
+
+
+def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
+    last = last_layer(gm)
+    count = 0
+    for node in list(gm.graph.nodes):
+        kind = node_kind(gm, node)
+        if kind in ACTIVATIONS:
+            producer = node.args[0]
+            if node_kind(gm, producer) not in PRODUCERS or len(producer.users) != 1:
+                raise UnsupportedOpError(
+                    f"unsupported {describe(gm, node)}: ReLU/ReLU6 must directly follow the only "
+                    "use of a conv, linear, add or average pool (it is fused into its quantizer)"
+                )
+            continue
+        if kind not in PRODUCERS or node is last:
+            continue
+        end, act = _fused_end(gm, node)
+        if kind == "normalize":
+            bits = config.input_bits
+        else:
+            bits = config.act_bits
+            if _feeds_last_layer(gm, end, last) and config.first_last_bits is not None:
+                bits = config.first_last_bits
+            name = node.target if node.op == "call_module" else node.name
+            bits = config.override_for(name, "act_bits") or bits
+        quantizer = LSQQuantizer(bits, signed=act is None)
+        qname = f"act_quant_{count}"
+        count += 1
+        gm.add_submodule(qname, quantizer)
+        with gm.graph.inserting_after(end):
+            qnode = gm.graph.call_module(qname, (end,))
+        end.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+
+
+# -- pass 4: input step sizes for bias quantization ------------------------------------------------
+def quantizer_feeding(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The activation-quantizer node whose codes reach ``node`` (through pass-through ops)."""
+    while node_kind(gm, node) in PASS_THROUGH:
+        node = node.args[0]
+    return node if node_kind(gm, node) == "quantizer" else None
+
+
+def connect_input_scales_(gm: fx.GraphModule) -> None:
+    for node in _layer_nodes(gm):
+        qnode = quantizer_feeding(gm, node.args[0])
+        if qnode is None:
+            continue  # reported by check_quantized_inputs
+        with gm.graph.inserting_before(node):
+            param = gm.graph.get_attr(f"{qnode.target}.scale")
+            scale = gm.graph.call_function(input_scale_of, (param,))
+        node.args = (node.args[0], scale)
+
+
+def check_quantized_inputs(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        kind = node_kind(gm, node)
+        if kind in ("conv", "linear", "avgpool", "add"):
+            args = node.args[:2] if kind == "add" else node.args[:1]
+            for arg in args:
+                if quantizer_feeding(gm, arg) is None:
+                    raise UnsupportedOpError(
+                        f"{describe(gm, node)} reads '{arg.name}', which is not an integer tensor "
+                        "(no activation quantizer reaches it); lsqint needs every layer input "
+                        "quantized"
+                    )
+
+
+def calibrate_(model: nn.Module, images: torch.Tensor) -> None:
+    """Initialize every activation step size from one batch (a training-mode forward pass)."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.train(was_training)
+
+
+def quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LSQQuantizer)}

@@ -1,0 +1,161 @@
+"""LSQ fake quantization (Esser et al., ICLR 2020): the autograd function and the quantizer module.
+
+Forward:   x_fq = clamp(round(x / s), qmin, qmax) * s
+Backward (v = x / s, the paper's masks, which test v itself and not round(v)):
+    dL/dx = dL/dx_fq                            if qmin <= v <= qmax, else 0   (straight-through)
+    dL/ds = sum(dL/dx_fq * ds_elem) * grad_scale, where
+            ds_elem = round(v) - v   inside the range,
+                    = qmin           below,   = qmax   above.
+Note ``clamp(round(v)) - v * inside`` gives all three cases of ``ds_elem`` in one expression.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .ranges import check_bits, code_range
+
+# Smallest step size we ever use: keeps the scale positive whatever the optimizer does.
+MIN_SCALE = 1e-8
+
+
+def _channel_view(scale: Tensor, x: Tensor) -> Tensor:
+    """A per-channel scale (C,) viewed as (C, 1, 1, ...) to broadcast along dim 0 of x."""
+    if scale.dim() == 0:
+        return scale
+    return scale.view(-1, *([1] * (x.dim() - 1)))
+
+
+class _LSQFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+        s = _channel_view(scale, x).to(x.dtype)
+        v = x / s
+        x_fq = torch.round(v).clamp_(qmin, qmax).mul_(s)
+        ctx.save_for_backward(x, scale)
+        ctx.qrange = (qmin, qmax)
+        ctx.grad_scale = grad_scale
+        return x_fq
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, scale = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        s = _channel_view(scale, x).to(x.dtype)
+        v = x / s  # recomputed: cheaper than keeping a second activation-sized tensor alive
+        inside = (v >= qmin) & (v <= qmax)
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_scale_t = None
+        if ctx.needs_input_grad[1]:
+            ds_elem = torch.round(v).clamp_(qmin, qmax).sub_(v * inside)
+            prod = grad_out * ds_elem
+            if scale.dim() == 0:
+                grad_scale_t = prod.sum()
+            else:
+                grad_scale_t = prod.flatten(1).sum(1)
+            grad_scale_t = (grad_scale_t * ctx.grad_scale).to(scale.dtype)
+        return grad_x, grad_scale_t, None, None, None
+
+
+def lsq_fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+    """LSQ fake quantization with the paper's gradients.
+
+    ``scale`` is a 0-d tensor or one value per channel along dim 0 of ``x``.
+
+    >>> x = torch.tensor([-1.0, 0.26, 0.74, 9.0])
+    >>> lsq_fake_quant(x, torch.tensor(0.5), -4, 3, 1.0)
+    tensor([-1.0000,  0.5000,  0.5000,  1.5000])
+    """
+    return _LSQFakeQuant.apply(x, scale, int(qmin), int(qmax), float(grad_scale))
+
+
+def init_scale(x: Tensor, qmax: int, per_channel: bool) -> Tensor:
+    """LSQ step-size initialization ``2 * mean|x| / sqrt(qmax)`` (per channel along dim 0)."""
+    x = x.detach().float()
+    mean_abs = x.abs().flatten(1).mean(1) if per_channel else x.abs().mean()
+    return (2.0 * mean_abs / math.sqrt(qmax)).clamp_min(MIN_SCALE)
+
+
+class LSQQuantizer(nn.Module):
+    """A learnable-step-size quantizer for one tensor (weights or activations).
+
+    Everything needed to rebuild it (bits, signedness, per-channel flag, gradient scale, whether the
+    step size was initialized) lives in buffers, so it survives ``state_dict`` save and load.
+    Activation quantizers initialize their scale from the first training-mode batch; weight
+    quantizers are initialized by ``init_from_(weight)`` at prepare time.
+    """
+
+    def __init__(
+        self, bits: int, signed: bool, per_channel: bool = False, num_channels: int = 1
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        shape = (num_channels,) if per_channel else ()
+        self.scale = nn.Parameter(torch.ones(shape))
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+        self.register_buffer("per_channel", torch.tensor(bool(per_channel)))
+        self.register_buffer("grad_scale", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # -- ranges -------------------------------------------------------------------------------
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return code_range(int(self.bits), bool(self.signed))
+
+    @property
+    def qmin(self) -> int:
+        return self.qrange[0]
+
+    @property
+    def qmax(self) -> int:
+        return self.qrange[1]
+
+    def effective_scale(self) -> Tensor:
+        """The step size actually used: the learnable scale, kept positive."""
+        return self.scale.clamp(min=MIN_SCALE)
+
+    # -- initialization -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_(self, x: Tensor, elements_per_scale: int | None = None) -> None:
+        """Set the step size from data (LSQ init) and the gradient scale ``1/sqrt(N*qmax)``.
+
+        N is the number of elements one step size serves: per channel, the elements of that
+        channel; for activations, the elements of one sample.
+        """
+        qmax = self.qmax
+        self.scale.copy_(init_scale(x, qmax, bool(self.per_channel)).to(self.scale))
+        if elements_per_scale is None:
+            elements_per_scale = x[0].numel() if bool(self.per_channel) else x.numel()
+        self.grad_scale.fill_(1.0 / math.sqrt(elements_per_scale * qmax))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not bool(self.initialized):
+            if not self.training:
+                raise RuntimeError(
+                    "LSQQuantizer used in eval mode before its step size was initialized; "
+                    "run one training-mode forward pass (calibration) first"
+                )
+            # Activations: N = elements of one sample.
+            self.init_from_(x, elements_per_scale=x[0].numel())
+            _sync_scale_across_ranks_(self)
+        qmin, qmax = self.qrange
+        return lsq_fake_quant(x, self.effective_scale(), qmin, qmax, float(self.grad_scale))
+
+    def extra_repr(self) -> str:
+        kind = "signed" if bool(self.signed) else "unsigned"
+        per = "per-channel" if bool(self.per_channel) else "per-tensor"
+        return f"bits={int(self.bits)}, {kind}, {per}"
+
+
+def _sync_scale_across_ranks_(quantizer: LSQQuantizer) -> None:
+    """Average a data-initialized step size over all ranks so every replica starts identical."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            dist.all_reduce(quantizer.scale.data, op=dist.ReduceOp.SUM)
+            quantizer.scale.data /= dist.get_world_size()
