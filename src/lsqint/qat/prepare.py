@@ -208,13 +208,22 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
                 bits = config.first_last_bits
             name = node.target if node.op == "call_module" else node.name
             bits = config.override_for(name, "act_bits") or bits
-        quantizer = LSQQuantizer(bits, signed=act is None)
+        quantizer = LSQQuantizer(bits, signed=act is None and not _non_negative(gm, node, kind))
         qname = f"act_quant_{count}"
         count += 1
         gm.add_submodule(qname, quantizer)
         with gm.graph.inserting_after(end):
             qnode = gm.graph.call_module(qname, (end,))
         end.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+
+
+def _non_negative(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:
+    """An average pool of unsigned codes is non-negative: quantize it unsigned too, so no code is
+    spent on values that cannot occur (the same reason ReLU outputs are unsigned)."""
+    if kind != "avgpool":
+        return False
+    qnode = quantizer_feeding(gm, node.args[0])
+    return qnode is not None and not bool(gm.get_submodule(qnode.target).signed)
 
 
 # -- pass 4: input step sizes for bias quantization ------------------------------------------------

@@ -1,0 +1,357 @@
+"""convert(qat_model) -> IntProgram: lower a trained QAT graph to integer ops (DESIGN section 4).
+
+The walk follows the QAT graph in order and tracks, for each fx node, what integer value it holds:
+
+    Pixels      the raw uint8 input
+    Normalized  pixels after the float normalization, waiting for the input quantizer
+    Codes       narrow integer codes at one scale (after an activation quantizer)
+    Acc         an int32 accumulator with one scale per channel (conv/linear/pool sum), waiting
+                for a requantize; carries a fused ReLU/ReLU6
+    PendingAdd  two code tensors to add, waiting for the quantizer that fixes the output scale
+
+Each activation quantizer in the QAT graph becomes exactly one integer op (input, requantize or
+add) that produces codes with the quantizer's range, so codes in the program are the codes the
+training model's quantizers produce (up to rounding ties, measured by ``lsqint infer``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+
+from ..models.common import Normalize
+from ..qat.graph import UnsupportedOpError, describe, node_kind
+from ..qat.prepare import quantizers
+from ..quant import LSQQuantizer
+from .fixedpoint import (
+    INT32_MAX,
+    INT32_MIN,
+    input_affine,
+    input_shift,
+    multiplier_for_shift,
+    quantize_multiplier,
+    quantize_multipliers,
+)
+from .program import IntProgram, Node, TensorSpec
+from .verify import conv_acc_bound, verify
+
+
+@dataclass
+class Pixels:
+    tensor: str
+
+
+@dataclass
+class Normalized:
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Codes:
+    tensor: str
+    scale: float
+
+
+@dataclass
+class Acc:
+    tensor: str
+    scale: np.ndarray  # float64, one per channel (or one)
+    act: str | None = None
+
+
+@dataclass
+class PendingAdd:
+    a: Codes
+    b: Codes
+    act: str | None = None
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.nodes: list[Node] = []
+        self.tensors: dict[str, TensorSpec] = {}
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return tuple(node.meta["tensor_meta"].shape[1:])
+
+    def emit(self, op, name, inputs, spec: TensorSpec, attrs=None, params=None) -> str:
+        self.tensors[spec.name] = spec
+        self.nodes.append(Node(op, name, list(inputs), spec.name, attrs or {}, params or {}))
+        return spec.name
+
+
+def _code_dtype(qmin: int) -> str:
+    return "int8" if qmin < 0 else "uint8"
+
+
+def _weight_codes(layer, quantizer: LSQQuantizer) -> np.ndarray:
+    # Exactly the fake-quant forward: round(w / s) clamped, s broadcast along dim 0.
+    w = layer.weight.detach().float()
+    s = quantizer.effective_scale().detach().float()
+    s = s.view(-1, *([1] * (w.dim() - 1))) if s.dim() else s
+    return torch.round(w / s).clamp(quantizer.qmin, quantizer.qmax).to(torch.int8).numpy()
+
+
+@torch.no_grad()
+def convert(qat_model: fx.GraphModule) -> IntProgram:
+    """Lower a trained QAT model (from ``prepare_qat``) to a verified integer program."""
+    if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "lsqint_input_shape"):
+        raise TypeError("convert() takes the fx.GraphModule returned by lsqint.prepare_qat")
+    missing = [name for name, q in quantizers(qat_model).items() if not bool(q.initialized)]
+    if missing:
+        raise ValueError(
+            f"the QAT model's step sizes were never initialized ({len(missing)} quantizers, e.g. "
+            f"'{missing[0]}'): run a training-mode forward pass (lsqint.qat.calibrate_) or train it"
+        )
+    for name, p in qat_model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter '{name}' holds NaN or inf: the QAT model is broken; "
+                             "retrain from the last good checkpoint")
+    gm = qat_model
+    was_training = gm.training
+    device = next(gm.parameters()).device
+    gm.cpu().eval()
+    try:
+        example = torch.zeros((1, *gm.lsqint_input_shape))
+        ShapeProp(gm).propagate(example)
+        program = _lower(gm)
+    finally:
+        gm.to(device).train(was_training)
+    return verify(program)
+
+
+def _lower(gm: fx.GraphModule) -> IntProgram:
+    b = _Builder(gm)
+    values: dict[fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        kind = node_kind(gm, node)
+        args = [values.get(a) for a in node.args if isinstance(a, fx.Node)]
+        if kind == "placeholder":
+            spec = TensorSpec("input", "uint8", b.shape(node), 0, 255, None)
+            b.tensors["input"] = spec
+            values[node] = Pixels("input")
+        elif kind in ("get_attr", "scale"):
+            values[node] = None
+        elif kind == "normalize":
+            if not isinstance(args[0], Pixels):
+                raise UnsupportedOpError(f"{describe(gm, node)} must read the network input")
+            module: Normalize = gm.get_submodule(node.target)
+            values[node] = Normalized(module.mean.tolist(), module.std.tolist())
+        elif kind == "quantizer":
+            values[node] = _lower_quantizer(b, node, args[0])
+        elif kind in ("conv", "linear"):
+            values[node] = _lower_layer(b, node, kind, args[0])
+        elif kind in ("relu", "relu6"):
+            src = args[0]
+            if not isinstance(src, Acc | PendingAdd) or src.act is not None:
+                raise UnsupportedOpError(f"{describe(gm, node)}: activation not fused into a layer")
+            src.act = kind
+            values[node] = src
+        elif kind == "add":
+            a, c = args
+            if not (isinstance(a, Codes) and isinstance(c, Codes)):
+                raise UnsupportedOpError(f"{describe(gm, node)} must add two quantized tensors")
+            values[node] = PendingAdd(a, c)
+        elif kind == "maxpool":
+            values[node] = _lower_maxpool(b, node, _codes(gm, node, args[0]))
+        elif kind == "avgpool":
+            values[node] = _lower_avgpool(b, node, _codes(gm, node, args[0]))
+        elif kind == "flatten":
+            x = _codes(gm, node, args[0])
+            spec = b.tensors[x.tensor]
+            out = TensorSpec(node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale])
+            values[node] = Codes(b.emit("flatten", node.name, [x.tensor], out), x.scale)
+        elif kind in ("dropout", "identity"):
+            values[node] = args[0]
+        elif kind == "output":
+            _lower_output(b, node, args[0])
+        else:
+            raise UnsupportedOpError(f"cannot convert {describe(gm, node)}")
+    return IntProgram(b.nodes, b.tensors, {"input_shape": list(gm.lsqint_input_shape)})
+
+
+def _codes(gm, node, value) -> Codes:
+    if not isinstance(value, Codes):
+        raise UnsupportedOpError(f"{describe(gm, node)} must read quantized codes")
+    return value
+
+
+def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
+    q: LSQQuantizer = b.gm.get_submodule(node.target)
+    s_out = float(q.effective_scale())
+    qmin, qmax = q.qrange
+    lo, hi = qmin, qmax
+    act = getattr(src, "act", None)
+    if act in ("relu", "relu6"):
+        lo = max(lo, 0)
+    if act == "relu6":
+        # Same float32 arithmetic as the fake-quant model: round(6 / s) (round is monotonic).
+        six_code = int(torch.round(torch.tensor(6.0) / q.effective_scale().detach().float()))
+        hi = min(hi, six_code)
+    out = TensorSpec(node.name, _code_dtype(qmin), b.shape(node), lo, hi, [s_out])
+    if isinstance(src, Normalized):
+        t = input_shift(src.std, s_out)
+        ab = [input_affine(mu, sd, s_out, t) for mu, sd in zip(src.mean, src.std, strict=True)]
+        params = {"a": np.array([p[0] for p in ab], np.int64),
+                  "b": np.array([p[1] for p in ab], np.int64)}
+        attrs = {"shift": t, "qmin": lo, "qmax": hi}
+        return Codes(b.emit("input", node.name, ["input"], out, attrs, params), s_out)
+    if isinstance(src, Acc):
+        m, t = quantize_multipliers(src.scale / s_out)
+        attrs = {"lo": lo, "hi": hi}
+        return Codes(b.emit("requantize", node.name, [src.tensor], out, attrs,
+                            {"m": m, "t": t}), s_out)
+    if isinstance(src, PendingAdd):
+        real_a, real_b = src.a.scale / s_out, src.b.scale / s_out
+        _, t = quantize_multiplier(max(real_a, real_b))  # one shared shift, set by the larger
+        attrs = {"m_a": multiplier_for_shift(real_a, t), "m_b": multiplier_for_shift(real_b, t),
+                 "shift": t, "lo": lo, "hi": hi}
+        return Codes(b.emit("add", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
+    raise UnsupportedOpError(f"{describe(b.gm, node)}: nothing quantizable feeds this quantizer")
+
+
+def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:
+    gm = b.gm
+    x = _codes(gm, node, x)
+    layer = gm.get_submodule(node.target)
+    wq: LSQQuantizer = layer.weight_quantizer
+    w_q = _weight_codes(layer, wq)
+    s_w = wq.effective_scale().detach().float()
+    s_x = torch.tensor(x.scale, dtype=torch.float32)
+    channels = w_q.shape[0]
+    if layer.bias is not None:
+        # Same arithmetic as QuantConv2d's bias fake quant: round(bias / (s_x * s_w)).
+        bias_q = torch.round(layer.bias.detach().float() / (s_x * s_w)).to(torch.float64)
+        if bias_q.abs().max() > INT32_MAX:
+            raise UnsupportedOpError(f"{describe(gm, node)}: quantized bias exceeds int32")
+        bias_q = bias_q.to(torch.int64).numpy().astype(np.int32)
+    else:
+        bias_q = np.zeros(channels, np.int32)
+    in_spec = b.tensors[x.tensor]
+    bound = int(conv_acc_bound(w_q, bias_q, max(abs(in_spec.qmin), abs(in_spec.qmax))).max())
+    acc_scale = np.broadcast_to(
+        np.float64(x.scale) * s_w.double().numpy().reshape(-1), (channels,)
+    ).copy()
+    out = TensorSpec(node.name, "int32", b.shape(node), INT32_MIN, INT32_MAX, acc_scale.tolist())
+    attrs = {"weight_bits": int(wq.bits), "acc_bound": bound}
+    if kind == "conv":
+        attrs.update(stride=list(layer.stride), padding=list(layer.padding),
+                     dilation=list(layer.dilation), groups=layer.groups)
+        op = "conv2d"
+    else:
+        op = "linear"
+    name = b.emit(op, node.target, [x.tensor], out, attrs, {"weight": w_q, "bias": bias_q})
+    return Acc(name, acc_scale)
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+
+def _call_args(fn, node: fx.Node) -> dict:
+    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _lower_maxpool(b: _Builder, node: fx.Node, x: Codes) -> Codes:
+    if node.op == "call_module":
+        p: nn.MaxPool2d = b.gm.get_submodule(node.target)
+        kernel, stride, padding, dilation, ceil = (p.kernel_size, p.stride, p.padding, p.dilation,
+                                                   p.ceil_mode)
+        if p.return_indices:
+            raise UnsupportedOpError(f"{describe(b.gm, node)}: return_indices is not supported")
+    else:
+        a = _call_args(F.max_pool2d, node)
+        kernel, stride, padding = a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"]
+        dilation, ceil = a["dilation"], a["ceil_mode"]
+    spec = b.tensors[x.tensor]
+    out = TensorSpec(node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale])
+    attrs = {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding),
+             "dilation": _pair(dilation), "ceil_mode": bool(ceil)}
+    return Codes(b.emit("maxpool2d", node.name, [x.tensor], out, attrs), x.scale)
+
+
+def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
+    gm = b.gm
+    in_shape = b.tensors[x.tensor].shape
+    h, w = in_shape[1], in_shape[2]
+    if node.op == "call_module":
+        p = gm.get_submodule(node.target)
+        if isinstance(p, nn.AdaptiveAvgPool2d):
+            adaptive, out_size = True, p.output_size
+        else:
+            adaptive = False
+            kernel, stride, padding = p.kernel_size, p.stride or p.kernel_size, p.padding
+            ceil, include_pad, divisor = p.ceil_mode, p.count_include_pad, p.divisor_override
+    elif node.target is F.adaptive_avg_pool2d:
+        adaptive, out_size = True, _call_args(F.adaptive_avg_pool2d, node)["output_size"]
+    else:
+        a = _call_args(F.avg_pool2d, node)
+        adaptive = False
+        kernel, stride, padding = a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"]
+        ceil, include_pad, divisor = a["ceil_mode"], a["count_include_pad"], a["divisor_override"]
+    if adaptive:
+        oh, ow = _pair(out_size) if out_size is not None else (h, w)
+        oh, ow = oh or h, ow or w
+        if h % oh or w % ow:
+            raise UnsupportedOpError(
+                f"{describe(gm, node)}: adaptive pooling {h}x{w} -> {oh}x{ow} has uneven windows; "
+                "use an input size divisible by the output size")
+        kernel, stride, padding = (h // oh, w // ow), (h // oh, w // ow), (0, 0)
+    else:
+        if ceil or divisor is not None or (any(_pair(padding)) and not include_pad):
+            raise UnsupportedOpError(
+                f"{describe(gm, node)}: only avg pooling with a constant window size is supported "
+                "(ceil_mode=False, no divisor_override, count_include_pad=True when padded)")
+    kernel, stride, padding = _pair(kernel), _pair(stride), _pair(padding)
+    area = kernel[0] * kernel[1]
+    spec = b.tensors[x.tensor]
+    absmax = max(abs(spec.qmin), abs(spec.qmax))
+    scale = np.array([x.scale / area], dtype=np.float64)
+    out = TensorSpec(node.name, "int32", b.shape(node), INT32_MIN, INT32_MAX, scale.tolist())
+    attrs = {"kernel": kernel, "stride": stride, "padding": padding, "acc_bound": area * absmax}
+    return Acc(b.emit("avgpool2d", node.name, [x.tensor], out, attrs), scale)
+
+
+def _lower_output(b: _Builder, node: fx.Node, value) -> None:
+    if isinstance(value, Codes):
+        b.nodes.append(Node("output", "output", [value.tensor], ""))
+        return
+    if not isinstance(value, Acc) or value.act is not None:
+        raise UnsupportedOpError("the model must end with a conv/linear layer (the logits)")
+    spec = b.tensors[value.tensor]
+    layer = next(n for n in b.nodes if n.output == value.tensor)
+    bound = conv_acc_bound(layer.params["weight"], layer.params["bias"],
+                           _input_absmax(b, layer)).astype(np.float64)
+    scale = value.scale
+    if np.all(scale == scale[0]):
+        # One scale already (per-tensor weights): the accumulator is the logits.
+        spec.scale = [float(scale[0])]
+        b.nodes.append(Node("output", "output", [value.tensor], ""))
+        return
+    # Per-channel: bring every channel onto one scale, as fine as int32 allows (2^-k of the
+    # coarsest channel's scale, k <= 16), so argmax over integers is the prediction.
+    coarsest = float(scale.max())
+    k = 16
+    while k > 0 and np.max(bound * scale / (coarsest / 2**k)) >= 2**31 - 1:
+        k -= 1
+    s_out = coarsest / 2**k
+    m, t = quantize_multipliers(scale / s_out)
+    out = TensorSpec("logits", "int32", spec.shape, INT32_MIN, INT32_MAX, [s_out])
+    b.emit("requantize", "logits", [value.tensor], out, {"lo": INT32_MIN, "hi": INT32_MAX},
+           {"m": m, "t": t})
+    b.nodes.append(Node("output", "output", ["logits"], ""))
+
+
+def _input_absmax(b: _Builder, layer: Node) -> int:
+    spec = b.tensors[layer.inputs[0]]
+    return max(abs(spec.qmin), abs(spec.qmax))

@@ -1,0 +1,68 @@
+"""Runtimes: a registry name -> ``fn(program, images, **options) -> np.ndarray`` (int32 logits).
+
+``reference`` (numpy int64) defines the semantics; every other runtime must return identical
+integers on the same program and input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..intprog.program import IntProgram
+from .reference import run_reference
+from .torch_runtime import CompiledProgram
+
+RUNTIMES: dict[str, Callable[..., np.ndarray]] = {}
+
+
+def register_runtime(name: str):
+    def decorate(fn):
+        RUNTIMES[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_runtime("reference")
+def _reference(program: IntProgram, images, **_options) -> np.ndarray:
+    return run_reference(program, images)
+
+
+@register_runtime("torch")
+def _torch(program: IntProgram, images, device: str = "cpu", **_options) -> np.ndarray:
+    return CompiledProgram(program, device)(images)
+
+
+@register_runtime("onnx")
+def _onnx(program: IntProgram, images, **_options) -> np.ndarray:
+    from ..export.onnx_int import run_onnx
+
+    return run_onnx(program, images)
+
+
+def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
+    arr = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    expected = tuple(program.input_spec.shape)
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
+        raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), "
+                         f"got {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 pixels, got {arr.dtype}; the integer program "
+                        "takes raw pixels (no normalization)")
+    return arr
+
+
+def run(program: IntProgram, images, runtime: str = "reference", **options) -> np.ndarray:
+    """Run an integer program on uint8 images (N, C, H, W); returns int32 logits (N, classes).
+
+    >>> # logits = lsqint.run(program, images, runtime="torch")        # doctest: +SKIP
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
+    return RUNTIMES[runtime](program, _as_uint8_images(images, program), **options)
+
+
+__all__ = ["RUNTIMES", "CompiledProgram", "register_runtime", "run", "run_reference"]
