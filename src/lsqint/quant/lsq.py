@@ -32,6 +32,8 @@ def _channel_view(scale: Tensor, x: Tensor) -> Tensor:
 class _LSQFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # under AMP: round(x / s) needs float32 resolution
         s = _channel_view(scale, x).to(x.dtype)
         v = x / s
         x_fq = torch.round(v).clamp_(qmin, qmax).mul_(s)

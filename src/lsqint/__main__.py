@@ -1,0 +1,7 @@
+"""`python -m lsqint` (and `torchrun -m lsqint`) work like the `lsqint` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""Command line: thin argparse wrappers over lsqint.workflow (the seed project's flag names)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+# Errors we expect from bad input: printed as one line, exit code 2, nothing overwritten.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError,
+                                                 RuntimeError)
+
+
+def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
+    p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
+    p.add_argument("--dataset", default="cifar10",
+                   help="digits | synthetic | cifar10 | cifar100 | imagenet | tiny-imagenet | folder")
+    p.add_argument("--data-root", default=None, help="dataset folder (else $CIFAR10_ROOT, ...)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("-e", "--epochs", type=int, default=epochs)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("-tb", "--test-batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", "--wd", type=float, default=5e-4)
+    p.add_argument("--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 "
+                   "when available)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt of this run")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", default="runs", help="root folder of checkpoints and logs")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (folder datasets)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
+    p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    p.add_argument("--first-last-bits", type=lambda s: None if s.lower() == "none" else int(s),
+                   default=8, help="bits of the first/last layer ('none' = same as the rest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsqint", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lsqint {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="float training (seed: main.py)")
+    _common(p, lr=0.1, epochs=200)
+    p.add_argument("--init", default=None, help="start from this float checkpoint")
+
+    p = sub.add_parser("qat", help="LSQ quantization-aware training (seed: q_main.py)")
+    _common(p, lr=0.01, epochs=60)
+    _quant_flags(p)
+    p.add_argument("--init", default=None, help="float checkpoint (default: the best float "
+                   "checkpoint of this model and dataset under --log-dir)")
+
+    p = sub.add_parser("infer", help="integer-only evaluation (seed: q_inference.py)")
+    _common(p, lr=0.0, epochs=0)
+    _quant_flags(p)
+    p.add_argument("--program", default=None, help="integer program file (default: the one "
+                   "next to the QAT checkpoint of this model, dataset and bits)")
+    p.add_argument("--checkpoint", default=None, help="QAT checkpoint for the fake-quant "
+                   "comparison (default: best.pt next to the program)")
+    p.add_argument("--runtime", default="torch", help="reference | torch | onnx")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
+    p.add_argument("--json", default=None, help="write the table as JSON rows")
+    p.add_argument("--out", default=None, help="keep checkpoints and programs here")
+    p.add_argument("--bits", default="4,4;2,2", help="W,A pairs separated by ';'")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run_args(ns: argparse.Namespace):
+    from .workflow import RunArgs
+
+    fields = RunArgs.__dataclass_fields__
+    values = {k: v for k, v in vars(ns).items() if k in fields}
+    if values.get("cuda") is None:
+        import torch
+
+        values["cuda"] = 0 if torch.cuda.is_available() else -1
+    values["progress"] = not ns.no_progress
+    return RunArgs(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        return _dispatch(ns)
+    except KeyboardInterrupt:
+        print("lsqint: interrupted; the last finished epoch's checkpoint is intact", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lsqint {ns.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    from . import workflow
+    from .train import init_distributed, shutdown_distributed
+
+    if ns.command in ("train", "qat"):
+        import torch
+
+        args = _run_args(ns)
+        device = torch.device("cpu") if args.cuda < 0 else torch.device("cuda", args.cuda)
+        dist = init_distributed(device)
+        try:
+            fn = workflow.train_float if ns.command == "train" else workflow.train_qat
+            result = fn(args, dist)
+        finally:
+            shutdown_distributed()
+        if dist.is_main:
+            print(f"best val top-1 {result['best_acc']:.4f}; checkpoint {result['checkpoint']}")
+        return 0
+    if ns.command == "infer":
+        from .infer import infer
+
+        return infer(_run_args(ns), ns.program, ns.checkpoint, ns.runtime, ns.limit, ns.json)
+    if ns.command == "demo":
+        from .demo import demo
+
+        demo(json_path=ns.json, out=Path(ns.out) if ns.out else None, bits=ns.bits, seed=ns.seed)
+        return 0
+    raise AssertionError(ns.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

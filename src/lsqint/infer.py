@@ -1,0 +1,54 @@
+"""`lsqint infer`: integer-only evaluation of a saved program (the seed's q_inference.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import load_data
+from .intprog.artifact import load
+from .workflow import (
+    PROGRAM_FILE,
+    RunArgs,
+    artifact_sizes,
+    compare,
+    images_and_labels,
+    load_qat_model,
+    qat_dir_name,
+    run_dir,
+    write_json,
+)
+
+
+def infer(args: RunArgs, program_path: str | None, checkpoint: str | None, runtime: str,
+          limit: int | None, json_path: str | None) -> int:
+    if program_path is None:
+        program_path = str(run_dir(args.log_dir, args.dataset, args.model)
+                           / qat_dir_name(args.w_num_bits, args.a_num_bits) / PROGRAM_FILE)
+    path = Path(program_path)
+    program = load(path)
+    ckpt = Path(checkpoint) if checkpoint else path.parent / "best.pt"
+    qat_model = None
+    meta = program.metadata
+    if ckpt.is_file():
+        qat_model, meta = load_qat_model(ckpt)
+    dataset = args.dataset if not meta.get("dataset") else meta["dataset"]
+    data = load_data(dataset, args.data_root, meta.get("image_size") or args.image_size)
+    images, labels = images_and_labels(data.val, limit)
+    row = compare(program, qat_model, images, labels, runtime, args.test_batch_size)
+    row.update(artifact_sizes(program, path))
+    row.update(program=str(path), dataset=dataset)
+    print(f"program            {path}")
+    print(f"images             {row['images']} ({dataset} val)")
+    print(f"integer top-1      {100 * row['int_acc']:.2f} %   ({runtime} runtime, "
+          f"{row['images_per_s']:.0f} images/s)")
+    if qat_model is not None:
+        print(f"fake-quant top-1   {100 * row['fakequant_acc']:.2f} %   (QAT checkpoint {ckpt})")
+        print(f"label agreement    {100 * row['agreement']:.3f} %   ({row['flips']} of "
+              f"{row['images']} differ)")
+    else:
+        print(f"fake-quant top-1   n/a (no QAT checkpoint at {ckpt})")
+    print(f"artifact           {row['artifact_bytes']} bytes vs {row['float_bytes']} float32 bytes "
+          f"({row['float_bytes'] / row['artifact_bytes']:.1f}x smaller)")
+    if json_path:
+        write_json(json_path, row)
+    return 0

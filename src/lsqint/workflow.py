@@ -1,0 +1,275 @@
+"""The steps the command line chains: build models from checkpoint metadata, train float, QAT,
+evaluate integer programs. Each function takes plain arguments, so tests and the demo call them
+directly."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from . import __version__
+from .data import Data, ImageSet, load_data, make_loader
+from .intprog import IntProgram, convert
+from .intprog.artifact import float_state_bytes, program_num_params, save
+from .models import create_model
+from .qat import QuantConfig, calibrate_, prepare_qat
+from .runtime import CompiledProgram, run
+from .train import (
+    CheckpointError,
+    DistInfo,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    load_checkpoint,
+)
+from .train.checkpoint import check_compatible
+
+PROGRAM_FILE = "best.intprog.safetensors"
+
+
+def run_dir(log_dir: str, dataset: str, model: str) -> Path:
+    """Where a model's runs live: <log-dir>/<dataset>_<model>/{float, w4a4, ...}."""
+    return Path(log_dir) / f"{dataset}_{model.replace(':', '-')}"
+
+
+def qat_dir_name(w_bits: int, a_bits: int) -> str:
+    return f"w{w_bits}a{a_bits}"
+
+
+def model_meta(model: str, data: Data, kind: str, dataset: str, num_classes: int | None = None,
+               quant: QuantConfig | None = None) -> dict[str, Any]:
+    spec = data.spec
+    return {"kind": kind, "model": model, "dataset": dataset,
+            "num_classes": num_classes or spec.num_classes, "image_size": spec.image_size,
+            "in_channels": spec.in_channels, "mean": list(spec.mean), "std": list(spec.std),
+            "quant": quant.to_dict() if quant else None, "lsqint_version": __version__}
+
+
+def build_float_model(meta: dict[str, Any]) -> nn.Module:
+    return create_model(meta["model"], meta["num_classes"], meta["image_size"],
+                        meta["in_channels"], meta["mean"], meta["std"])
+
+
+def example_input(meta: dict[str, Any], batch: int = 2) -> torch.Tensor:
+    size = meta["image_size"]
+    return torch.zeros((batch, meta["in_channels"], size, size), dtype=torch.uint8)
+
+
+def build_qat_model(meta: dict[str, Any], float_model: nn.Module | None = None) -> fx.GraphModule:
+    float_model = float_model if float_model is not None else build_float_model(meta)
+    float_model.eval()  # BN folding uses the running statistics
+    return prepare_qat(float_model, QuantConfig.from_dict(meta["quant"]), example_input(meta))
+
+
+def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
+    state = load_checkpoint(path)
+    meta = state["meta"]
+    if meta.get("kind") != "qat":
+        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint, not a QAT one; "
+                              "run `lsqint qat` first")
+    model = build_qat_model(meta)
+    _load_weights(model, state["model"], path)
+    return model, meta
+
+
+def _load_weights(model: nn.Module, weights: dict, path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); pass the "
+                              "checkpoint of the same --model and --num-classes") from None
+
+
+def _device(cuda: int) -> torch.device:
+    if cuda is None or cuda < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--cuda {cuda} asked for a GPU but CUDA is not available; pass --cuda -1")
+    return torch.device("cuda", cuda)
+
+
+@dataclass
+class RunArgs:
+    """Everything `lsqint train` / `lsqint qat` take (the seed project's flag names)."""
+
+    model: str = "resnet20"
+    dataset: str = "cifar10"
+    epochs: int = 10
+    batch_size: int = 128
+    test_batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    cuda: int = -1
+    amp: bool = False
+    w_num_bits: int = 4
+    a_num_bits: int = 4
+    per_channel: bool = True
+    first_last_bits: int | None = 8
+    resume: bool = False
+    image_size: int | None = None
+    num_classes: int | None = None
+    seed: int = 0
+    log_dir: str = "runs"
+    data_root: str | None = None
+    init: str | None = None
+    download: bool = False
+    workers: int = 2
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+    save_program: bool = True
+
+
+def _setup(args: RunArgs, dist: DistInfo | None):
+    dist = dist or DistInfo()
+    device = _device(args.cuda if not dist.enabled or args.cuda < 0 else dist.local_rank)
+    torch.manual_seed(args.seed)
+    data = load_data(args.dataset, args.data_root, args.image_size, args.download)
+    if args.num_classes is not None and args.num_classes < data.spec.num_classes:
+        raise ValueError(f"--num-classes {args.num_classes} is smaller than the dataset's "
+                         f"{data.spec.num_classes} classes")
+    train = make_loader(data.train, args.batch_size, True, device, args.seed, dist.rank,
+                        dist.world_size, args.workers, data.spec)
+    val = make_loader(data.val, args.test_batch_size, False, device, args.seed, dist.rank,
+                      dist.world_size, args.workers)
+    return dist, device, data, train, val
+
+
+def _train_config(args: RunArgs, out: Path, meta) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, amp=args.amp, out_dir=str(out),
+                       resume=args.resume, log_dir=str(out / "tb"), progress=args.progress,
+                       max_steps_per_epoch=args.max_steps_per_epoch, meta=meta)
+
+
+def train_float(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
+    """`lsqint train`: float training; checkpoints under <log-dir>/<dataset>_<model>/float/."""
+    dist, device, data, train, val = _setup(args, dist)
+    meta = model_meta(args.model, data, "float", args.dataset, args.num_classes)
+    model = build_float_model(meta).to(device).to(memory_format=torch.channels_last)
+    out = run_dir(args.log_dir, args.dataset, args.model) / "float"
+    if not args.resume and args.init:
+        _load_weights(model, _float_weights(args.init, args), args.init)
+    result = Trainer(model, train, val, _train_config(args, out, meta), device, dist).fit()
+    result["checkpoint"] = str(out / "best.pt")
+    result["model"] = model
+    return result
+
+
+def _float_weights(path, args: RunArgs) -> dict:
+    state = load_checkpoint(path)
+    meta = state["meta"]
+    if meta.get("kind") != "float":
+        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint; --init needs a float "
+                              "checkpoint from `lsqint train`")
+    check_compatible(meta, path, model=args.model)
+    return state["model"]
+
+
+def default_float_checkpoint(args: RunArgs) -> Path:
+    return run_dir(args.log_dir, args.dataset, args.model) / "float" / "best.pt"
+
+
+def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
+    """`lsqint qat`: fold BN, insert quantizers, calibrate on the first batch, train; the best
+    checkpoint's integer program is saved next to it."""
+    config = QuantConfig(weight_bits=args.w_num_bits, act_bits=args.a_num_bits,
+                         per_channel=args.per_channel, first_last_bits=args.first_last_bits)
+    dist, device, data, train, val = _setup(args, dist)
+    meta = model_meta(args.model, data, "qat", args.dataset, args.num_classes, config)
+    float_model = build_float_model(meta)
+    init = Path(args.init) if args.init else default_float_checkpoint(args)
+    if not args.resume:
+        _load_weights(float_model, _float_weights(init, args), init)
+    model = build_qat_model(meta, float_model).to(device)
+    if not args.resume:
+        first_images, _ = next(iter(make_loader(data.train, args.batch_size, True, device,
+                                                args.seed + 1, dist.rank, dist.world_size, 0,
+                                                data.spec)))
+        calibrate_(model, first_images)  # activation step sizes; averaged over ranks
+    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(args.w_num_bits,
+                                                                          args.a_num_bits)
+    on_best = _save_program if args.save_program else None
+    result = Trainer(model, train, val, _train_config(args, out, meta), device, dist,
+                     on_best=on_best).fit()
+    result["checkpoint"] = str(out / "best.pt")
+    result["program"] = str(out / PROGRAM_FILE)
+    result["model"] = model
+    return result
+
+
+def _save_program(model: fx.GraphModule, out: Path, meta: dict[str, Any]) -> None:
+    program = convert(model)
+    program.metadata.update({k: meta[k] for k in ("model", "dataset", "num_classes", "image_size",
+                                                  "quant", "lsqint_version")})
+    save(program, out / PROGRAM_FILE)
+
+
+# -- evaluation of integer programs ----------------------------------------------------------------
+def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
+    """All (or the first ``limit``) evaluation images as one uint8 tensor, with labels."""
+    if isinstance(dataset, ImageSet):
+        images, labels = dataset.images, dataset.labels
+    else:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        pairs = [dataset[i] for i in range(n)]
+        images = torch.stack([p[0] for p in pairs])
+        labels = torch.tensor([p[1] for p in pairs])
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.contiguous(), labels
+
+
+def integer_predictions(program: IntProgram, images: torch.Tensor, runtime: str = "torch",
+                        batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, float]:
+    """(predicted labels, images/s) of an integer program over ``images``."""
+    compiled = CompiledProgram(program, device) if runtime == "torch" else None
+    preds = []
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size].numpy()
+        logits = compiled(batch) if compiled else run(program, batch, runtime=runtime)
+        preds.append(logits.argmax(1))
+    seconds = time.perf_counter() - start
+    return np.concatenate(preds), len(images) / max(seconds, 1e-9)
+
+
+@torch.no_grad()
+def fakequant_predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 256):
+    model.eval()
+    return np.concatenate([model(images[i : i + batch_size]).argmax(1).numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def compare(program: IntProgram, qat_model: nn.Module | None, images, labels,
+            runtime: str = "torch", batch_size: int = 256) -> dict[str, Any]:
+    """Integer top-1, fake-quant top-1 and their label agreement on the same images."""
+    labels_np = labels.numpy()
+    int_pred, ips = integer_predictions(program, images, runtime, batch_size)
+    row: dict[str, Any] = {"images": len(labels_np), "int_acc": float((int_pred == labels_np).mean()),
+                           "images_per_s": ips, "runtime": runtime}
+    if qat_model is not None:
+        fq_pred = fakequant_predictions(qat_model, images, batch_size)
+        row["fakequant_acc"] = float((fq_pred == labels_np).mean())
+        row["agreement"] = float((fq_pred == int_pred).mean())
+        row["flips"] = int((fq_pred != int_pred).sum())
+    return row
+
+
+def artifact_sizes(program: IntProgram, path: Path) -> dict[str, int]:
+    return {"artifact_bytes": path.stat().st_size,
+            "float_bytes": float_state_bytes(program_num_params(program))}
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
