@@ -3,7 +3,7 @@
     float nn.Module --prepare_qat--> QAT model --convert--> IntProgram --run/save/export_onnx-->
 """
 
-from . import models
+from . import data, models
 from .intprog import IntProgram, convert, verify
 from .intprog.artifact import load, save
 from .qat import QuantConfig, prepare_qat

@@ -1,0 +1,177 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_runtimes_agree, random_qat_program
+from torch import nn
+
+import lsqint
+from lsqint import QuantConfig, convert, load, prepare_qat, save
+from lsqint.intprog import ProgramError, verify
+from lsqint.intprog.artifact import ArtifactError, pack_bits, unpack_bits
+from lsqint.models import Normalize
+from lsqint.qat import calibrate_
+from lsqint.workflow import compare, images_and_labels, load_qat_model
+
+
+def test_convert_refuses_uninitialized_step_sizes():
+    model = lsqint.models.create_model("digits_cnn").eval()
+    qat = prepare_qat(model, QuantConfig(), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="never initialized"):
+        convert(qat)
+
+
+def test_convert_refuses_nan_parameters():
+    qat, _, images = random_qat_program("digits_cnn", QuantConfig(), seed=0)
+    with torch.no_grad():
+        qat.get_submodule("conv2").weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        convert(qat)
+
+
+def test_program_that_could_overflow_int32_is_refused_naming_the_layer():
+    # 2 x 256 x 256 inputs of 8-bit signed codes into 8-bit weights at -128:
+    # |acc| <= 131072 * 128 * 128 = 2^31, which int32 cannot hold.
+    model = nn.Sequential(Normalize((0.5, 0.5), (0.5, 0.5)), nn.Flatten(1), nn.Linear(131072, 2))
+    with torch.no_grad():
+        model[2].weight.fill_(-1.0)
+        model[2].bias.zero_()
+    images = torch.randint(0, 256, (2, 2, 256, 256), dtype=torch.uint8)
+    qat = prepare_qat(model.eval(), QuantConfig(), images)
+    calibrate_(qat, images)
+    qat.get_submodule("2").weight_quantizer.scale.data.fill_(1 / 256)  # every code saturates
+    with pytest.raises(ProgramError, match=r"node '2' \(linear\): int32 accumulator could overflow"):
+        convert(qat)
+
+
+def test_verify_catches_a_tampered_bound():
+    _, program, _ = random_qat_program("digits_cnn", QuantConfig(), seed=0)
+    conv = next(n for n in program.nodes if n.op == "conv2d")
+    conv.attrs["acc_bound"] -= 1
+    with pytest.raises(ProgramError, match="acc_bound"):
+        verify(program)
+
+
+def test_pack_bits_is_dense_and_round_trips():
+    for bits in range(2, 8):
+        codes = np.random.default_rng(bits).integers(-(2 ** (bits - 1)), 2 ** (bits - 1), 999)
+        packed = pack_bits(codes.astype(np.int8), bits)
+        assert packed.size == (999 * bits + 7) // 8
+        assert np.array_equal(unpack_bits(packed, bits, 999), codes.astype(np.int8))
+    assert pack_bits(np.array([-8, 7], np.int8), 4).tolist() == [0xF0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_save_load_round_trip_is_exact(tmp_path, bits):
+    config = QuantConfig(weight_bits=bits, act_bits=bits, first_last_bits=None)
+    _, program, images = random_qat_program("resnet20", config, seed=bits)
+    path = tmp_path / "p.safetensors"
+    size = save(program, path)
+    loaded = load(path)
+    assert str(loaded) == str(program)
+    for a, b in zip(program.nodes, loaded.nodes, strict=True):
+        assert a.attrs == b.attrs
+        for key in a.params:
+            assert a.params[key].dtype == b.params[key].dtype
+            assert np.array_equal(a.params[key], b.params[key])
+    assert np.array_equal(lsqint.run(program, images), lsqint.run(loaded, images))
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    for node in program.nodes:
+        if "weight" in node.params:
+            w = stored[f"{node.name}/weight"]
+            expected = (node.params["weight"].size * bits + 7) // 8 if bits < 8 else None
+            if expected is None:
+                assert w.dtype == np.int8 and w.size == node.params["weight"].size
+            else:
+                assert w.dtype == np.uint8 and w.size == expected  # dense b-bit stream
+    assert size == path.stat().st_size
+
+
+def _saved(tmp_path):
+    _, program, _ = random_qat_program("digits_cnn", QuantConfig(), seed=1)
+    path = tmp_path / "p.safetensors"
+    save(program, path)
+    return path
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ArtifactError, match="corrupted or truncated"):
+        load(path)
+
+
+def test_corrupted_weight_bytes_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"w": np.zeros(3, np.float32)}, str(path))
+    with pytest.raises(ArtifactError, match="not an lsqint integer program"):
+        load(path)
+
+
+def test_random_bytes_and_missing_files_are_refused(tmp_path):
+    path = tmp_path / "junk.bin"
+    path.write_bytes(b"\x00" * 3)
+    with pytest.raises(ArtifactError, match="too short"):
+        load(path)
+    path.write_bytes(struct.pack("<Q", 20) + b"not json at all!!!!!")
+    with pytest.raises(ArtifactError, match="not a safetensors file"):
+        load(path)
+    with pytest.raises(ArtifactError, match="no such program file"):
+        load(tmp_path / "missing.safetensors")
+
+
+def test_future_format_version_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    path = _saved(tmp_path)
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    meta["format_version"] = "99"
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ArtifactError, match="version 99"):
+        load(path)
+
+
+def test_malformed_graph_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = _saved(tmp_path)
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    graph = json.loads(meta["graph"])
+    graph["nodes"][2]["inputs"] = ["does_not_exist"]
+    meta["graph"] = json.dumps(graph)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ArtifactError, match="before it is defined"):
+        load(path)
+
+
+def test_digits_qat_model_and_integer_program_agree(digits_runs):
+    """DESIGN section 5 target: accuracy within 0.1 points, >= 99.9 % identical labels."""
+    qat_model, meta = load_qat_model(digits_runs["qat"]["checkpoint"])
+    program = load(digits_runs["qat"]["program"])
+    data = lsqint.data.load_data("digits")
+    images, labels = images_and_labels(data.val)
+    row = compare(program, qat_model, images, labels, runtime="reference")
+    assert row["fakequant_acc"] > 0.9
+    assert abs(row["int_acc"] - row["fakequant_acc"]) <= 0.001
+    assert row["agreement"] >= 0.999
+    assert_runtimes_agree(program, images.numpy())

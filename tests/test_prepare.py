@@ -1,0 +1,205 @@
+import io
+
+import pytest
+import torch
+from conftest import randomize_bn_
+from torch import fx, nn
+
+from lsqint import QuantConfig, prepare_qat
+from lsqint.models import MODELS, create_model
+from lsqint.qat import QuantConv2d, QuantLinear, UnsupportedOpError, node_kind, quantizers
+from lsqint.qat.graph import trace
+from lsqint.qat.prepare import fold_batchnorm_, quantizer_feeding
+from lsqint.quant import LSQQuantizer
+
+SIZES = {"resnet18": 64, "resnet34": 64, "digits_cnn": 8}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS) + ["torchvision:mobilenet_v2"])
+def test_bn_folding_leaves_eval_output_unchanged(name):
+    torch.manual_seed(0)
+    size = SIZES.get(name, 32)
+    model = randomize_bn_(create_model(name, 10, size)).eval()
+    channels = 1 if name == "digits_cnn" else 3
+    x = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
+    gm = trace(model)
+    fold_batchnorm_(gm)
+    gm.recompile()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _prepared(name, config=QuantConfig(), size=32):
+    model = randomize_bn_(create_model(name, 10, size)).eval()
+    channels = 1 if name == "digits_cnn" else 3
+    x = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
+    return prepare_qat(model, config, x), x
+
+
+def _quantizer_of(gm, node):
+    q = quantizer_feeding(gm, node)
+    return gm.get_submodule(q.target)
+
+
+def test_no_batchnorm_remains_after_prepare():
+    gm, _ = _prepared("resnet20")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    kinds = [node_kind(gm, n) for n in gm.graph.nodes]
+    assert "batchnorm" not in kinds
+
+
+def test_resnet_quantizer_placement_and_signedness():
+    gm, x = _prepared("resnet20")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    # Network input: 8-bit signed, right after normalization.
+    first_q = next(n for n in gm.graph.nodes if node_kind(gm, n) == "quantizer")
+    assert node_kind(gm, first_q.args[0]) == "normalize"
+    q_in = gm.get_submodule(first_q.target)
+    assert (int(q_in.bits), bool(q_in.signed)) == (8, True)
+    for node in gm.graph.nodes:
+        kind = node_kind(gm, node)
+        if kind in ("conv", "linear"):
+            assert quantizer_feeding(gm, node.args[0]) is not None, node.name
+        if kind == "add":
+            for arg in node.args[:2]:
+                assert node_kind(gm, arg) == "quantizer"
+            # residual add + ReLU: one unsigned quantizer after the ReLU
+            (relu,) = node.users
+            assert node_kind(gm, relu) == "relu"
+            (q,) = relu.users
+            assert not bool(gm.get_submodule(q.target).signed)
+    # conv1 of a block is followed by ReLU -> unsigned; conv2 (before the add) -> signed.
+    block = "layers_1_0"
+    relu_q = next(iter(nodes[f"{block}_relu1"].users))
+    assert not bool(gm.get_submodule(relu_q.target).signed)
+    conv2_q = next(iter(nodes[f"{block}_conv2"].users))
+    assert bool(gm.get_submodule(conv2_q.target).signed)
+    # The downsample shortcut conv (1x1, stride 2) is quantized, its output signed.
+    ds = nodes[f"{block}_downsample_0"]
+    assert isinstance(gm.get_submodule(ds.target), QuantConv2d)
+    ds_q = gm.get_submodule(next(iter(ds.users)).target)
+    assert bool(ds_q.signed) and int(ds_q.bits) == 4
+    # First and last layers: 8-bit weights; the last layer's input: 8 bits (unsigned avg pool).
+    assert int(gm.get_submodule("conv1").weight_quantizer.bits) == 8
+    assert int(gm.get_submodule("fc").weight_quantizer.bits) == 8
+    assert int(gm.get_submodule("layers.1.0.conv1").weight_quantizer.bits) == 4
+    fc_in = _quantizer_of(gm, nodes["fc"].args[0])
+    assert (int(fc_in.bits), bool(fc_in.signed)) == (8, False)
+    # The logits are not quantized to a narrow code.
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert out.args[0].name == "fc"
+    # Weight quantizers are per channel and initialized; activations wait for data.
+    wq = gm.get_submodule("layers.2.0.conv2").weight_quantizer
+    assert wq.scale.shape == (64,) and bool(wq.initialized)
+    assert not bool(q_in.initialized)
+
+
+def test_tiny_vgg_placement():
+    gm, _ = _prepared("tiny_vgg")
+    qs = [gm.get_submodule(n.target) for n in gm.graph.nodes if node_kind(gm, n) == "quantizer"]
+    # input + 8 conv-ReLU6 + 2 linear-ReLU6; the last linear's output stays unquantized
+    assert len(qs) == 11
+    assert bool(qs[0].signed) and all(not bool(q.signed) for q in qs[1:])
+    linears = [m for m in gm.modules() if isinstance(m, QuantLinear)]
+    assert [int(m.weight_quantizer.bits) for m in linears] == [4, 4, 8]
+    assert int(qs[-1].bits) == 8  # feeds the last layer
+    assert any(node_kind(gm, n) == "dropout" for n in gm.graph.nodes)
+
+
+def test_config_bits_and_overrides_apply():
+    cfg = QuantConfig(weight_bits=3, act_bits=5, per_channel=False, first_last_bits=None,
+                      overrides={"layers.2.*": {"weight_bits": 2, "act_bits": 6}})
+    gm, _ = _prepared("resnet20", cfg)
+    assert int(gm.get_submodule("conv1").weight_quantizer.bits) == 3
+    assert int(gm.get_submodule("layers.2.1.conv1").weight_quantizer.bits) == 2
+    assert gm.get_submodule("layers.2.1.conv1").weight_quantizer.scale.shape == ()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    q = gm.get_submodule(next(iter(nodes["layers_2_1_relu1"].users)).target)
+    assert int(q.bits) == 6
+    q = gm.get_submodule(next(iter(nodes["layers_1_1_relu1"].users)).target)
+    assert int(q.bits) == 5
+
+
+def test_gradient_scale_survives_save_and_load():
+    gm, x = _prepared("resnet20")
+    gm.train()
+    gm(x)
+    buf = io.BytesIO()
+    torch.save(gm.state_dict(), buf)
+    buf.seek(0)
+    fresh, _ = _prepared("resnet20")
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for (name, a), (_, b) in zip(quantizers(gm).items(), quantizers(fresh).items(), strict=True):
+        assert a.grad_scale.item() == b.grad_scale.item() > 0, name
+        assert bool(b.initialized)
+        assert torch.equal(a.scale, b.scale)
+
+
+def test_qat_model_trains():
+    gm, x = _prepared("digits_cnn", size=8)
+    gm.train()
+    loss = gm(x).logsumexp(1).mean()
+    loss.backward()
+    for name, p in gm.named_parameters():
+        assert p.grad is not None, name
+    assert any(p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n.endswith("scale"))
+
+
+class Sigmoidal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.normalize = create_model("digits_cnn").normalize
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(self.normalize(x))).flatten(1)
+
+
+def test_unsupported_function_names_the_node():
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(UnsupportedOpError, match=r"node 'sigmoid' \(call_function sigmoid\)"):
+        prepare_qat(Sigmoidal(), QuantConfig(), x)
+
+
+def test_unsupported_module_names_the_node():
+    model = nn.Sequential(create_model("digits_cnn").normalize, nn.Conv2d(1, 2, 3), nn.GELU())
+    with pytest.raises(UnsupportedOpError, match=r"GELU '2'"):
+        prepare_qat(model, QuantConfig(), torch.zeros(1, 1, 8, 8))
+
+
+def test_untraceable_model_gets_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(UnsupportedOpError, match="fx-traceable"):
+        prepare_qat(Branchy(), QuantConfig(), torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weight_bits": 9}, "weight_bits=9 is out of range"),
+    ({"act_bits": 1}, "act_bits=1"),
+    ({"first_last_bits": 0}, "first_last_bits"),
+    ({"overrides": {"fc": {"weight_bit": 3}}}, "did you mean 'weight_bits'"),
+    ({"overrides": {"fc": {"act_bits": 12}}}, "out of range"),
+])
+def test_quant_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_quant_config_round_trips_through_dict():
+    cfg = QuantConfig(weight_bits=2, overrides={"a.*": {"act_bits": 3}})
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(TypeError):
+        cfg.overrides["b"] = {}  # frozen all the way down
+    with pytest.raises(AttributeError):
+        cfg.weight_bits = 3
+
+
+def test_torchvision_resnet_prepares():
+    model = randomize_bn_(create_model("torchvision:resnet18", 10, 64)).eval()
+    gm = prepare_qat(model, QuantConfig(), torch.zeros(1, 3, 64, 64))
+    assert isinstance(gm, fx.GraphModule)
+    assert sum(isinstance(m, LSQQuantizer) for m in gm.modules()) > 20

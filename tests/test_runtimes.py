@@ -1,0 +1,78 @@
+"""Differential tests: every runtime returns the reference runtime's integers (==)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_runtimes_agree, random_qat_program
+
+from lsqint import QuantConfig
+from lsqint.intprog import format_program
+from lsqint.runtime import RUNTIMES, run
+
+BITS = [2, 3, 4, 5, 8]
+MODELS = ["resnet20", "tiny_vgg", "digits_cnn"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_reference_and_torch_agree(name, bits, per_channel):
+    config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
+    for seed in range(2):
+        _, program, images = random_qat_program(name, config, seed=seed * 100 + bits)
+        fresh = np.random.default_rng(seed).integers(0, 256, images.shape, dtype=np.uint8)
+        assert_runtimes_agree(program, images.numpy())
+        logits = assert_runtimes_agree(program, fresh)
+        assert logits.shape == (images.shape[0], 10)
+
+
+def test_mixed_bits_first_last_at_full_width_agree():
+    config = QuantConfig(weight_bits=3, act_bits=5, first_last_bits=None, input_bits=6,
+                         overrides={"layers.0.*": {"weight_bits": 2, "act_bits": 2}})
+    _, program, images = random_qat_program("resnet20", config, seed=7)
+    assert_runtimes_agree(program, images.numpy())
+
+
+def test_integer_program_tracks_fake_quant_model():
+    """On a random model, the integer logits and the QAT model's logits agree closely."""
+    qat, program, images = random_qat_program("resnet20", QuantConfig(), seed=3, batch=4)
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(images).numpy()
+    logits = run(program, images.numpy()) * program.output_scale
+    assert np.abs(logits - fq).max() <= 0.05 * np.abs(fq).max() + 1e-6
+
+
+def test_program_takes_only_uint8_images():
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=0)
+    with pytest.raises(TypeError, match="uint8"):
+        run(program, images.float().numpy())
+    with pytest.raises(ValueError, match="shape"):
+        run(program, images.numpy()[:, :, :4])
+    with pytest.raises(ValueError, match="unknown runtime"):
+        run(program, images.numpy(), runtime="tvm")
+
+
+def test_printer_is_stable_and_lists_every_node():
+    _, program, _ = random_qat_program("digits_cnn", QuantConfig(), seed=0)
+    text = format_program(program)
+    assert text == str(program)
+    assert text.count("\n") == len(program.nodes)
+    for op in ("input", "conv2d", "requantize", "maxpool2d", "avgpool2d", "flatten", "linear"):
+        assert f"= {op}" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_runtime_equals_reference(name, bits):
+    for per_channel in (True, False):
+        config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
+        _, program, images = random_qat_program(name, config, seed=bits, batch=8)
+        assert_runtimes_agree(program, images.numpy(), runtimes=("torch",),
+                              torch={"device": "cuda"})
+
+
+def test_runtime_registry_lists_reference_and_torch():
+    assert {"reference", "torch"} <= set(RUNTIMES)
