@@ -114,8 +114,8 @@ def _split_dirs(root: Path) -> tuple[Path, Path] | None:
 
 def _load_folder_in_memory(folder: Path, cache_dir: Path | None) -> ImageSet:
     """Decode an ImageFolder tree of small images into one uint8 tensor (cached as .npz)."""
+    from PIL import Image
     from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image, read_file
 
     ds = ImageFolder(str(folder))
     if not ds.samples:
@@ -126,7 +126,8 @@ def _load_folder_in_memory(folder: Path, cache_dir: Path | None) -> ImageSet:
         with np.load(cache) as f:
             return ImageSet(torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]),
                             ds.classes)
-    images = torch.stack([decode_image(read_file(p), mode=ImageReadMode.RGB) for p, _ in ds.samples])
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))
+                                        for p, _ in ds.samples])).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

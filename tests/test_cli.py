@@ -1,0 +1,165 @@
+"""End-to-end tests through the command line: train -> qat -> infer, resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsqint.cli import main
+from lsqint.train import load_checkpoint
+
+DIGITS = ["--model", "digits_cnn", "--dataset", "digits", "--cuda", "-1", "--no-progress",
+          "-b", "64", "-tb", "512"]
+
+
+def lsqint(*args):
+    return subprocess.run([sys.executable, "-m", "lsqint", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_qat_infer_on_digits(tmp_path, capsys):
+    log = ["--log-dir", str(tmp_path)]
+    assert main(["train", *DIGITS, *log, "-e", "3", "--lr", "0.05"]) == 0
+    run = tmp_path / "digits_digits_cnn"
+    ckpt = load_checkpoint(run / "float" / "best.pt")
+    assert ckpt["meta"]["kind"] == "float" and ckpt["meta"]["model"] == "digits_cnn"
+    metrics = json.loads((run / "float" / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["best_acc"] == max(e["val_acc"] for e in metrics["epochs"])
+    assert any((run / "float" / "tb").iterdir())  # TensorBoard event file
+    # QAT finds the float checkpoint by itself (same model, dataset and --log-dir).
+    assert main(["qat", *DIGITS, *log, "-e", "2", "-w", "3", "-a", "3"]) == 0
+    qat_dir = run / "w3a3"
+    qat = load_checkpoint(qat_dir / "best.pt")
+    assert qat["meta"]["kind"] == "qat" and qat["meta"]["quant"]["weight_bits"] == 3
+    assert (qat_dir / "best.intprog.safetensors").is_file()
+    # Resume continues from last.pt to the new epoch count.
+    assert main(["qat", *DIGITS, *log, "-e", "3", "-w", "3", "-a", "3", "--resume"]) == 0
+    assert load_checkpoint(qat_dir / "last.pt")["epoch"] == 3
+    capsys.readouterr()
+    out_json = tmp_path / "infer.json"
+    assert main(["infer", *DIGITS, *log, "-w", "3", "-a", "3", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "integer top-1" in text and "label agreement" in text and "artifact" in text
+    row = json.loads(out_json.read_text())
+    assert row["images"] == 360 and 0 <= row["int_acc"] <= 1 and row["agreement"] >= 0.99
+    assert row["artifact_bytes"] < row["float_bytes"]
+
+
+def _image_tree(root: Path, classes=3, per_class=(12, 4), size=16):
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class, strict=True):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((size, size, 3), 60 * c, np.uint8) + rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_train_and_qat_on_an_image_folder_tree(tmp_path):
+    data = _image_tree(tmp_path / "tree")
+    common = ["--model", "resnet20", "--dataset", "folder", "--data-root", str(data),
+              "--image-size", "16", "--cuda", "-1", "--no-progress", "-b", "8", "-tb", "8",
+              "--workers", "0", "--log-dir", str(tmp_path / "runs")]
+    assert main(["train", *common, "-e", "1"]) == 0
+    assert main(["qat", *common, "-e", "1"]) == 0
+    run = tmp_path / "runs" / "folder_resnet20"
+    assert load_checkpoint(run / "w4a4" / "last.pt")["meta"]["num_classes"] == 3
+    assert (run / "w4a4" / "best.intprog.safetensors").is_file()
+    # The same tree read as an in-memory CIFAR-style ImageFolder (train/ + val/).
+    common[3] = "cifar10"
+    assert main(["train", *common, "-e", "1", "--num-classes", "10"]) == 0
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    args = [*DIGITS, "--image-size", "16", "-b", "16", "-e", "4", "--lr", "0.05", "--seed", "3"]
+    ref = lsqint("train", *args, "--log-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    cmd = [sys.executable, "-m", "lsqint", "train", *args, "--log-dir", str(tmp_path / "killed")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.split()[:1] == ["1"]:  # the epoch-1 row: its checkpoint is on disk
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last = tmp_path / "killed" / "digits_digits_cnn" / "float" / "last.pt"
+    assert load_checkpoint(last)["epoch"] < 4  # stopped before the end
+    resumed = lsqint("train", *args, "--log-dir", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "ref" / "digits_digits_cnn" / "float" / "last.pt")
+    b = load_checkpoint(last)
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["best_acc"] == b["best_acc"]
+
+
+def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, digits_runs):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
+         digits_runs["float"]["checkpoint"], str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    scales = [k for k in rank0 if k.endswith(".scale")]
+    assert len(scales) > 5
+    # Training moved the parameters away from the float checkpoint's calibration.
+    assert (tmp_path / "digits_digits_cnn" / "w4a4" / "last.pt").is_file()
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    r = lsqint("train", "--dataset", "cifar10", "--data-root", str(tmp_path / "nope"),
+               "--cuda", "-1", "-e", "1", "--log-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "does not exist" in r.stderr and "--data-root" in r.stderr
+
+
+def test_bits_out_of_range_is_one_line_error(tmp_path, digits_runs):
+    r = lsqint("qat", *DIGITS, "-w", "9", "--log-dir", str(digits_runs["root"]))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "weight_bits=9 is out of range" in r.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, digits_runs):
+    r = lsqint("qat", "--model", "resnet20", "--dataset", "digits", "--cuda", "-1",
+               "--init", digits_runs["float"]["checkpoint"], "--log-dir", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "model='digits_cnn', not 'resnet20'" in r.stderr
+
+
+def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage" * 10)
+    for path, message in ((foreign, "not an lsqint checkpoint"), (corrupt, "corrupted")):
+        r = lsqint("qat", *DIGITS, "--init", str(path), "--log-dir", str(tmp_path))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_good_checkpoint(tmp_path):
+    log = ["--log-dir", str(tmp_path)]
+    assert main(["train", *DIGITS, *log, "-e", "1", "--lr", "0.05"]) == 0
+    best = tmp_path / "digits_digits_cnn" / "float" / "best.pt"
+    before = best.read_bytes()
+    r = lsqint("train", *DIGITS, *log, "-e", "2", "--lr", "1e30", "--momentum", "0")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "loss became nan" in r.stderr.lower() or "loss became inf" in r.stderr.lower()
+    assert best.read_bytes() == before
