@@ -28,8 +28,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.float() if not torch.is_floating_point(x) else x
-        x = x.to(self.mean.dtype)
+        x = x.to(self.mean.dtype)  # uint8 or float pixels; no branch, so torch.fx can trace it
         mean = self.mean.view(1, -1, 1, 1)
         std = self.std.view(1, -1, 1, 1)
         return (x / 255.0 - mean) / std
