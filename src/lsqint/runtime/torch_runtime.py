@@ -11,7 +11,9 @@ convolutions only where exactness is proven from the bound ``verify`` recorded (
   exact-sum argument above; there we always compute in float64 (error ~1e-16 relative, far
   below the 0.5 that ``round`` absorbs) and round before casting; TF32 is switched off for the
   call and restored afterwards;
-* requantize, add and the input op run in int64 exactly like the reference.
+* requantize, add and the input op run as two float32 ops and a floor where ``exact_float`` proves
+  the result equal to the reference's for every input the op can see (per layer, at build time);
+  elsewhere in int64 exactly like the reference. ``CompiledProgram.paths`` says which ran where.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..intprog.program import IntProgram, Node
+from .exact_float import add_plan, affine_step_plan
 
 F32_EXACT = 1 << 24
 F64_EXACT = 1 << 53
@@ -36,13 +39,14 @@ def _float_dtype(bound: int, device: torch.device) -> torch.dtype:
     raise OverflowError(f"accumulator bound {bound} is beyond float64's exact range")
 
 
-def _to_int(acc: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _exact(acc: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float accumulator that holds exact integers (see the module docstring)."""
     if device.type != "cpu":
-        acc = torch.round(acc)
-    return acc.to(torch.int64)
+        acc = torch.round(acc)  # absorbs transform-algorithm error (float64 only on CUDA)
+    return acc
 
 
-def _rounding_shift(acc: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _rounding_shift(acc: torch.Tensor, t) -> torch.Tensor:
     # floor((acc + 2^(t-1)) / 2^t): >> on signed int64 is an arithmetic shift (rounds to -inf).
     return (acc + (1 << (t - 1))) >> t
 
@@ -53,6 +57,12 @@ class CompiledProgram:
     def __init__(self, program: IntProgram, device: str | torch.device = "cpu") -> None:
         self.program = program
         self.device = torch.device(device)
+        self.producer = {n.output: n for n in program.nodes}
+        self.readers: dict[str, int] = {}
+        for n in program.nodes:
+            for name in n.inputs:
+                self.readers[name] = self.readers.get(name, 0) + 1
+        self.paths: dict[str, str] = {}  # node name -> "float32" | "float64" | "int64"
         self.steps: list[tuple[Node, Callable]] = [
             (node, self._build(node)) for node in program.nodes if node.op != "output"
         ]
@@ -61,21 +71,21 @@ class CompiledProgram:
     def _param(self, node: Node, key: str, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(np.asarray(node.params[key]), device=self.device).to(dtype)
 
+    def _channel(self, values, ndim: int) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(values), device=self.device)
+        return t.view(1, -1, *([1] * (ndim - 2)))
+
+    def _acc_bound(self, tensor: str) -> int:
+        return int(self.producer[tensor].attrs["acc_bound"])
+
     def _build(self, node: Node) -> Callable:
         a = node.attrs
         dev = self.device
         if node.op == "input":
-            scale_a = self._param(node, "a").view(1, -1, 1, 1)
-            bias_b = self._param(node, "b").view(1, -1, 1, 1)
-            t = a["shift"]
-
-            def run_input(x):
-                acc = x.to(torch.int64) * scale_a + bias_b
-                return _rounding_shift(acc, torch.tensor(t, device=dev)).clamp_(a["qmin"], a["qmax"])
-
-            return run_input
+            return self._build_input(node)
         if node.op in ("conv2d", "linear"):
             dtype = _float_dtype(a["acc_bound"], dev)
+            self.paths[node.name] = str(dtype).replace("torch.", "")
             weight = self._param(node, "weight", dtype)
             bias = self._param(node, "bias", dtype)
             if node.op == "conv2d":
@@ -83,52 +93,121 @@ class CompiledProgram:
 
                 def run_conv(x):
                     acc = F.conv2d(x.to(dtype), weight, bias, stride, padding, dilation, groups)
-                    return _to_int(acc, dev)
+                    return _exact(acc, dev)
 
                 return run_conv
 
             def run_linear(x):
-                return _to_int(F.linear(x.to(dtype), weight, bias), dev)
+                return _exact(F.linear(x.to(dtype), weight, bias), dev)
 
             return run_linear
         if node.op == "requantize":
-            m = self._param(node, "m")
-            t = self._param(node, "t")
-            lo, hi = a["lo"], a["hi"]
-
-            def run_requantize(acc):
-                shape = (1, -1) + (1,) * (acc.dim() - 2)
-                y = _rounding_shift(acc.to(torch.int64) * m.view(shape), t.view(shape))
-                return y.clamp_(lo, hi)
-
-            return run_requantize
+            return self._build_requantize(node)
         if node.op == "add":
-            m_a, m_b, t = a["m_a"], a["m_b"], torch.tensor(a["shift"], device=dev)
-
-            def run_add(x_a, x_b):
-                acc = x_a.to(torch.int64) * m_a + x_b.to(torch.int64) * m_b
-                return _rounding_shift(acc, t).clamp_(a["lo"], a["hi"])
-
-            return run_add
+            return self._build_add(node)
         if node.op == "maxpool2d":
             def run_maxpool(x):
                 # Max over codes is exact in float; F.max_pool2d pads with -inf (never wins).
-                return F.max_pool2d(x.to(torch.float32), a["kernel"], a["stride"], a["padding"],
-                                    a["dilation"], a["ceil_mode"])
+                return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"],
+                                    a["ceil_mode"])
 
             return run_maxpool
         if node.op == "avgpool2d":
             dtype = _float_dtype(a["acc_bound"], dev)
+            self.paths[node.name] = str(dtype).replace("torch.", "")
 
             def run_avgpool(x):
                 total = F.avg_pool2d(x.to(dtype), a["kernel"], a["stride"], a["padding"],
                                      count_include_pad=True, divisor_override=1)
-                return _to_int(total, dev)
+                return _exact(total, dev)
 
             return run_avgpool
         if node.op == "flatten":
             return lambda x: x.reshape(x.shape[0], -1)
         raise NotImplementedError(f"torch runtime has no op {node.op!r}")
+
+    def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
+        """Per-channel (M, C) tensors and their dtype for the first float dtype proven exact."""
+        for np_dtype, dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
+            plans = [affine_step_plan(int(m), int(b), int(t), lo, hi, x_min, x_max, np_dtype)
+                     for m, b, t in zip(ms, bs, ts, strict=True)]
+            if all(p is not None for p in plans):
+                self.paths[node.name] = str(dtype).replace("torch.", "")
+                M = self._channel(np.array([p[0] for p in plans], np_dtype), ndim)
+                C = self._channel(np.array([p[1] for p in plans], np_dtype), ndim)
+                return M, C, dtype
+        return None
+
+    def _build_input(self, node: Node) -> Callable:
+        a = node.attrs
+        lo, hi, t = a["qmin"], a["qmax"], a["shift"]
+        ca, cb = node.params["a"], node.params["b"]
+        plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, 0, 255, 4)
+        if plan is not None:
+            M, C, dtype = plan
+            return lambda x: x.to(dtype).mul_(M).add_(C).floor_().clamp_(lo, hi).to(torch.float32)
+        self.paths[node.name] = "int64"
+        scale_a = self._channel(ca, 4)
+        bias_b = self._channel(cb, 4)
+
+        def run_input(x):
+            acc = x.to(torch.int64) * scale_a + bias_b
+            return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
+
+        return run_input
+
+    def _build_requantize(self, node: Node) -> Callable:
+        lo, hi = node.attrs["lo"], node.attrs["hi"]
+        m, t = node.params["m"], node.params["t"]
+        ndim = len(self.program.tensors[node.inputs[0]].shape) + 1
+        bound = self._acc_bound(node.inputs[0])
+        plan = self._affine_plans(node, m, np.zeros_like(m), t, lo, hi, -bound, bound, ndim)
+        if plan is not None:
+            M, C, dtype = plan
+            # acc holds exact integers (below 2^24 where it is float32). Update it in place only
+            # when this op is its sole reader.
+            owned = self.readers.get(node.inputs[0], 0) == 1
+
+            def run_requantize_float(acc):
+                y = acc.to(dtype) if owned else acc.to(dtype, copy=True)
+                return y.mul_(M).add_(C).floor_().clamp_(lo, hi).to(torch.float32)
+
+            return run_requantize_float
+        self.paths[node.name] = "int64"
+        m_t = self._channel(m, ndim)
+        t_t = self._channel(t, ndim)
+        narrow = hi - lo <= 1 << 16
+
+        def run_requantize(acc):
+            y = _rounding_shift(acc.to(torch.int64) * m_t, t_t).clamp_(lo, hi)
+            return y.to(torch.float32) if narrow else y
+
+        return run_requantize
+
+    def _build_add(self, node: Node) -> Callable:
+        a = node.attrs
+        lo, hi, t = a["lo"], a["hi"], a["shift"]
+        ranges = [(self.program.tensors[n].qmin, self.program.tensors[n].qmax) for n in node.inputs]
+        for np_dtype, dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
+            plan = add_plan(a["m_a"], a["m_b"], t, lo, hi, *ranges, dtype=np_dtype)
+            if plan is not None:
+                self.paths[node.name] = str(dtype).replace("torch.", "")
+                Ma, Mb, C = (float(v) for v in plan)
+
+                def run_add_float(x_a, x_b, Ma=Ma, Mb=Mb, C=C, dtype=dtype):
+                    y = x_a.to(dtype).mul_(Ma) if dtype != x_a.dtype else torch.mul(x_a, Ma)
+                    y.add_(torch.mul(x_b.to(dtype), Mb)).add_(C).floor_().clamp_(lo, hi)
+                    return y.to(torch.float32)
+
+                return run_add_float
+        self.paths[node.name] = "int64"
+        m_a, m_b = a["m_a"], a["m_b"]
+
+        def run_add(x_a, x_b):
+            acc = x_a.to(torch.int64) * m_a + x_b.to(torch.int64) * m_b
+            return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
+
+        return run_add
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
@@ -145,4 +224,4 @@ class CompiledProgram:
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
-        return env[self.output].to(torch.int32).cpu().numpy()
+        return env[self.output].to(torch.int64).to(torch.int32).cpu().numpy()

@@ -1,0 +1,80 @@
+"""The torch runtime's float fast paths: each plan is proven exact; check them independently."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lsqint.intprog.fixedpoint import quantize_multiplier
+from lsqint.runtime.exact_float import add_plan, affine_step_plan
+
+
+def exact(x, m, b, t, lo, hi):
+    return np.clip([(int(v) * m + b + (1 << (t - 1))) >> t for v in x], lo, hi)
+
+
+def emulate(x, M, C, lo, hi):
+    dtype = type(M)
+    return np.clip(np.floor(np.add(np.multiply(x.astype(dtype), M, dtype=dtype), C, dtype=dtype)),
+                   lo, hi).astype(np.int64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(real=st.floats(1e-5, 4.0), bits=st.sampled_from([2, 4, 8]), signed=st.booleans(),
+       bound=st.integers(10, 200_000), dtype=st.sampled_from([np.float32, np.float64]))
+def test_affine_plan_matches_exact_requantize_everywhere_it_claims(real, bits, signed, bound, dtype):
+    m, t = quantize_multiplier(real)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    plan = affine_step_plan(m, 0, t, lo, hi, -bound, bound, dtype)
+    if plan is None:
+        return  # the runtime falls back to int64; nothing is claimed
+    # Every integer in the range (dense below 20k, sampled above) agrees.
+    xs = np.arange(-bound, bound + 1) if bound <= 20_000 else np.unique(
+        np.concatenate([np.random.default_rng(0).integers(-bound, bound + 1, 40_000),
+                        [-bound, bound]]))
+    assert np.array_equal(emulate(xs, *plan, lo, hi), exact(xs, m, 0, t, lo, hi))
+
+
+def test_near_tie_8bit_requantize_is_refused_in_float32_and_proven_in_float64():
+    # Regression: a W8A8 resnet20 layer whose steps sit within float32's rounding error of a half.
+    m, t, lo, hi, bound = 1522463215, 38, -128, 127, 207_918
+    assert affine_step_plan(m, 0, t, lo, hi, -bound, bound, np.float32) is None
+    plan = affine_step_plan(m, 0, t, lo, hi, -bound, bound, np.float64)
+    assert plan is not None
+    xs = np.arange(-bound, bound + 1)
+    assert np.array_equal(emulate(xs, *plan, lo, hi), exact(xs, m, 0, t, lo, hi))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ra=st.floats(0.05, 3.0), rb=st.floats(0.05, 3.0), bits=st.sampled_from([4, 8]))
+def test_add_plan_matches_exact_add_on_every_code_pair(ra, rb, bits):
+    _, t = quantize_multiplier(max(ra, rb))
+    m_a, m_b = round(ra * 2**t), round(rb * 2**t)
+    rng = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    for dtype in (np.float32, np.float64):
+        plan = add_plan(m_a, m_b, t, 0, (1 << bits) - 1, rng, rng, dtype)
+        if dtype is np.float64:
+            assert plan is not None  # float64 always holds (integers below 2^41)
+        if plan is None:
+            continue
+        Ma, Mb, C = plan
+        a, b = np.meshgrid(np.arange(rng[0], rng[1] + 1), np.arange(rng[0], rng[1] + 1))
+        got = np.clip(np.floor(np.add(np.add(np.multiply(a.astype(dtype), Ma, dtype=dtype),
+                                             np.multiply(b.astype(dtype), Mb, dtype=dtype),
+                                             dtype=dtype), C, dtype=dtype)), 0, (1 << bits) - 1)
+        want = np.clip((a * m_a + b * m_b + (1 << (t - 1))) >> t, 0, (1 << bits) - 1)
+        assert np.array_equal(got.astype(np.int64), want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_torch_runtime_reports_its_paths(bits):
+    from conftest import random_qat_program
+
+    from lsqint import QuantConfig
+    from lsqint.runtime import CompiledProgram
+
+    _, program, _ = random_qat_program("resnet20", QuantConfig(weight_bits=bits, act_bits=bits), 0)
+    paths = CompiledProgram(program).paths
+    assert set(paths.values()) <= {"float32", "float64", "int64"}
+    convs = [n.name for n in program.nodes if n.op == "conv2d"]
+    assert all(paths[c] in ("float32", "float64") for c in convs)
