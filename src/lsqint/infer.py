@@ -34,13 +34,14 @@ def infer(args: RunArgs, program_path: str | None, checkpoint: str | None, runti
     dataset = args.dataset if not meta.get("dataset") else meta["dataset"]
     data = load_data(dataset, args.data_root, meta.get("image_size") or args.image_size)
     images, labels = images_and_labels(data.val, limit)
-    row = compare(program, qat_model, images, labels, runtime, args.test_batch_size)
+    device = "cpu" if args.cuda is None or args.cuda < 0 else f"cuda:{args.cuda}"
+    row = compare(program, qat_model, images, labels, runtime, args.test_batch_size, device)
     row.update(artifact_sizes(program, path))
     row.update(program=str(path), dataset=dataset)
     print(f"program            {path}")
     print(f"images             {row['images']} ({dataset} val)")
-    print(f"integer top-1      {100 * row['int_acc']:.2f} %   ({runtime} runtime, "
-          f"{row['images_per_s']:.0f} images/s)")
+    print(f"integer top-1      {100 * row['int_acc']:.2f} %   ({runtime} runtime on "
+          f"{device}, {row['images_per_s']:.0f} images/s)")
     if qat_model is not None:
         print(f"fake-quant top-1   {100 * row['fakequant_acc']:.2f} %   (QAT checkpoint {ckpt})")
         print(f"label agreement    {100 * row['agreement']:.3f} %   ({row['flips']} of "

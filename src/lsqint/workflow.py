@@ -219,12 +219,17 @@ def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
     if isinstance(dataset, ImageSet):
         images, labels = dataset.images, dataset.labels
     else:
-        n = len(dataset) if limit is None else min(limit, len(dataset))
-        pairs = [dataset[i] for i in range(n)]
+        n = len(dataset)
+        index = range(n) if limit is None or limit >= n else (
+            torch.linspace(0, n - 1, limit).round().long().tolist())
+        pairs = [dataset[i] for i in index]
         images = torch.stack([p[0] for p in pairs])
         labels = torch.tensor([p[1] for p in pairs])
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+        return images.contiguous(), labels
+    if limit is not None and limit < len(labels):
+        # Evenly spaced, so a class-sorted folder still gives every class.
+        pick = torch.linspace(0, len(labels) - 1, limit).round().long()
+        images, labels = images[pick], labels[pick]
     return images.contiguous(), labels
 
 
@@ -250,12 +255,12 @@ def fakequant_predictions(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 def compare(program: IntProgram, qat_model: nn.Module | None, images, labels,
-            runtime: str = "torch", batch_size: int = 256) -> dict[str, Any]:
+            runtime: str = "torch", batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
     """Integer top-1, fake-quant top-1 and their label agreement on the same images."""
     labels_np = labels.numpy()
-    int_pred, ips = integer_predictions(program, images, runtime, batch_size)
+    int_pred, ips = integer_predictions(program, images, runtime, batch_size, device)
     row: dict[str, Any] = {"images": len(labels_np), "int_acc": float((int_pred == labels_np).mean()),
-                           "images_per_s": ips, "runtime": runtime}
+                           "images_per_s": ips, "runtime": runtime, "device": str(device)}
     if qat_model is not None:
         fq_pred = fakequant_predictions(qat_model, images, batch_size)
         row["fakequant_acc"] = float((fq_pred == labels_np).mean())
