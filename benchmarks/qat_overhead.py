@@ -1,6 +1,6 @@
 """QAT step time vs float step time on resnet20 (batch 128), and PyTorch's LSQ peer, side by side.
 
-    python benchmarks/qat_overhead.py [--device cpu] [--batch 128] [--json bench_results/qat_overhead.json]
+    python benchmarks/qat_overhead.py [--device cpu] [--batch 128] [--json OUT.json]
 
 Three training steps (forward, backward, SGD update) on the same data, timed round-robin:
   float      resnet20 with BatchNorm, float32
@@ -33,12 +33,20 @@ def torch_ao_lsq(model: nn.Module, example: torch.Tensor, w_bits: int, a_bits: i
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     act = _LearnableFakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2**a_bits - 1,
-        dtype=torch.quint8, use_grad_scaling=True)
+        observer=MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=2**a_bits - 1,
+        dtype=torch.quint8,
+        use_grad_scaling=True,
+    )
     weight = _LearnableFakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver, quant_min=-(2 ** (w_bits - 1)),
-        quant_max=2 ** (w_bits - 1) - 1, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-        use_grad_scaling=True)
+        observer=MovingAverageMinMaxObserver,
+        quant_min=-(2 ** (w_bits - 1)),
+        quant_max=2 ** (w_bits - 1) - 1,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+        use_grad_scaling=True,
+    )
     mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
     model.train()
     prepared = prepare_qat_fx(model, mapping, (example.float(),))
@@ -76,12 +84,16 @@ def main() -> None:
     w_bits, a_bits = args.bits
 
     float_model = create_model("resnet20").to(device)
-    qat = lsqint.prepare_qat(create_model("resnet20").eval(),
-                             lsqint.QuantConfig(weight_bits=w_bits, act_bits=a_bits),
-                             images.cpu()).to(device)
+    qat = lsqint.prepare_qat(
+        create_model("resnet20").eval(),
+        lsqint.QuantConfig(weight_bits=w_bits, act_bits=a_bits),
+        images.cpu(),
+    ).to(device)
     calibrate_(qat, images)
-    steps = {"float": make_step(float_model, images.float(), labels),
-             "lsqint": make_step(qat, images, labels)}
+    steps = {
+        "float": make_step(float_model, images.float(), labels),
+        "lsqint": make_step(qat, images, labels),
+    }
     try:
         peer = torch_ao_lsq(create_model("resnet20").to(device), images, w_bits, a_bits)
         steps["torch.ao"] = make_step(peer, images.float(), labels)
@@ -93,16 +105,27 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = interleaved_timings(steps, args.rounds, args.repeats, sync)
     base = times["float"]
-    print(f"resnet20, batch {args.batch}, {device}, W{w_bits}A{a_bits}, "
-          f"median of {args.rounds} rounds x {args.repeats} steps")
+    print(
+        f"resnet20, batch {args.batch}, {device}, W{w_bits}A{a_bits}, "
+        f"median of {args.rounds} rounds x {args.repeats} steps"
+    )
     print(f"{'variant':<10} {'ms/step':>9} {'vs float':>9}")
     rows = []
     for name, t in times.items():
         print(f"{name:<10} {1000 * t:>9.1f} {t / base:>8.3f}x")
         rows.append({"variant": name, "ms_per_step": 1000 * t, "ratio_to_float": t / base})
-    write_json(args.json, {"benchmark": "qat_overhead", "model": "resnet20", "batch": args.batch,
-                           "device": str(device), "bits": [w_bits, a_bits], "rows": rows,
-                           "evidence": evidence()})
+    write_json(
+        args.json,
+        {
+            "benchmark": "qat_overhead",
+            "model": "resnet20",
+            "batch": args.batch,
+            "device": str(device),
+            "bits": [w_bits, a_bits],
+            "rows": rows,
+            "evidence": evidence(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from lsqint.qat import calibrate_
 from lsqint.runtime import run
 
 
-def assert_runtimes_agree(program, images, runtimes=("reference", "torch"), **options) -> np.ndarray:
+def assert_runtimes_agree(
+    program, images, runtimes=("reference", "torch"), **options
+) -> np.ndarray:
     """Every runtime returns the reference's integers, compared with ==."""
     expected = run(program, images, runtime="reference")
     for name in runtimes:
@@ -37,8 +39,9 @@ def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def random_qat_program(name: str, config: QuantConfig, seed: int, batch: int = 2,
-                       image_size: int = 32):
+def random_qat_program(
+    name: str, config: QuantConfig, seed: int, batch: int = 2, image_size: int = 32
+):
     """A randomly initialized model, prepared, calibrated on random pixels and converted."""
     torch.manual_seed(seed)
     in_channels = 1 if name == "digits_cnn" else 3
@@ -56,8 +59,16 @@ def digits_runs(tmp_path_factory):
     from lsqint.workflow import RunArgs, train_float, train_qat
 
     root = tmp_path_factory.mktemp("digits_runs")
-    base = dict(model="digits_cnn", dataset="digits", batch_size=64, test_batch_size=512,
-                cuda=-1, seed=0, log_dir=str(root), progress=False)
+    base = dict(
+        model="digits_cnn",
+        dataset="digits",
+        batch_size=64,
+        test_batch_size=512,
+        cuda=-1,
+        seed=0,
+        log_dir=str(root),
+        progress=False,
+    )
     float_result = train_float(RunArgs(epochs=25, lr=0.05, **base))
     qat_result = train_qat(RunArgs(epochs=10, lr=0.01, w_num_bits=4, a_num_bits=4, **base))
     return {"root": root, "float": float_result, "qat": qat_result, "base": base}

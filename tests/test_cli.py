@@ -8,20 +8,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from lsqint.cli import main
 from lsqint.train import load_checkpoint
 
-DIGITS = ["--model", "digits_cnn", "--dataset", "digits", "--cuda", "-1", "--no-progress",
-          "-b", "64", "-tb", "512"]
+DIGITS = [
+    "--model",
+    "digits_cnn",
+    "--dataset",
+    "digits",
+    "--cuda",
+    "-1",
+    "--no-progress",
+    "-b",
+    "64",
+    "-tb",
+    "512",
+]
 
 
 def lsqint(*args):
-    return subprocess.run([sys.executable, "-m", "lsqint", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "lsqint", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_train_qat_infer_on_digits(tmp_path, capsys):
@@ -60,16 +71,36 @@ def _image_tree(root: Path, classes=3, per_class=(12, 4), size=16):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
             for i in range(n):
-                pixels = np.full((size, size, 3), 60 * c, np.uint8) + rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+                pixels = np.full((size, size, 3), 60 * c, np.uint8) + rng.integers(
+                    0, 40, (size, size, 3), dtype=np.uint8
+                )
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
 
 
 def test_train_and_qat_on_an_image_folder_tree(tmp_path):
     data = _image_tree(tmp_path / "tree")
-    common = ["--model", "resnet20", "--dataset", "folder", "--data-root", str(data),
-              "--image-size", "16", "--cuda", "-1", "--no-progress", "-b", "8", "-tb", "8",
-              "--workers", "0", "--log-dir", str(tmp_path / "runs")]
+    common = [
+        "--model",
+        "resnet20",
+        "--dataset",
+        "folder",
+        "--data-root",
+        str(data),
+        "--image-size",
+        "16",
+        "--cuda",
+        "-1",
+        "--no-progress",
+        "-b",
+        "8",
+        "-tb",
+        "8",
+        "--workers",
+        "0",
+        "--log-dir",
+        str(tmp_path / "runs"),
+    ]
     assert main(["train", *common, "-e", "1"]) == 0
     assert main(["qat", *common, "-e", "1"]) == 0
     run = tmp_path / "runs" / "folder_resnet20"
@@ -109,9 +140,20 @@ def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, digits_runs):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path),
-         digits_runs["float"]["checkpoint"], str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(tmp_path),
+            digits_runs["float"]["checkpoint"],
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -124,8 +166,19 @@ def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, digits_runs):
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
-    r = lsqint("train", "--dataset", "cifar10", "--data-root", str(tmp_path / "nope"),
-               "--cuda", "-1", "-e", "1", "--log-dir", str(tmp_path))
+    r = lsqint(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-root",
+        str(tmp_path / "nope"),
+        "--cuda",
+        "-1",
+        "-e",
+        "1",
+        "--log-dir",
+        str(tmp_path),
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "does not exist" in r.stderr and "--data-root" in r.stderr
@@ -138,8 +191,19 @@ def test_bits_out_of_range_is_one_line_error(tmp_path, digits_runs):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, digits_runs):
-    r = lsqint("qat", "--model", "resnet20", "--dataset", "digits", "--cuda", "-1",
-               "--init", digits_runs["float"]["checkpoint"], "--log-dir", str(tmp_path))
+    r = lsqint(
+        "qat",
+        "--model",
+        "resnet20",
+        "--dataset",
+        "digits",
+        "--cuda",
+        "-1",
+        "--init",
+        digits_runs["float"]["checkpoint"],
+        "--log-dir",
+        str(tmp_path),
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "model='digits_cnn', not 'resnet20'" in r.stderr
 

@@ -15,23 +15,37 @@ def exact(x, m, b, t, lo, hi):
 
 def emulate(x, M, C, lo, hi):
     dtype = type(M)
-    return np.clip(np.floor(np.add(np.multiply(x.astype(dtype), M, dtype=dtype), C, dtype=dtype)),
-                   lo, hi).astype(np.int64)
+    return np.clip(
+        np.floor(np.add(np.multiply(x.astype(dtype), M, dtype=dtype), C, dtype=dtype)), lo, hi
+    ).astype(np.int64)
 
 
 @settings(max_examples=60, deadline=None)
-@given(real=st.floats(1e-5, 4.0), bits=st.sampled_from([2, 4, 8]), signed=st.booleans(),
-       bound=st.integers(10, 200_000), dtype=st.sampled_from([np.float32, np.float64]))
-def test_affine_plan_matches_exact_requantize_everywhere_it_claims(real, bits, signed, bound, dtype):
+@given(
+    real=st.floats(1e-5, 4.0),
+    bits=st.sampled_from([2, 4, 8]),
+    signed=st.booleans(),
+    bound=st.integers(10, 200_000),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_affine_plan_matches_exact_requantize_everywhere_it_claims(
+    real, bits, signed, bound, dtype
+):
     m, t = quantize_multiplier(real)
     lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
     plan = affine_step_plan(m, 0, t, lo, hi, -bound, bound, dtype)
     if plan is None:
         return  # the runtime falls back to int64; nothing is claimed
     # Every integer in the range (dense below 20k, sampled above) agrees.
-    xs = np.arange(-bound, bound + 1) if bound <= 20_000 else np.unique(
-        np.concatenate([np.random.default_rng(0).integers(-bound, bound + 1, 40_000),
-                        [-bound, bound]]))
+    xs = (
+        np.arange(-bound, bound + 1)
+        if bound <= 20_000
+        else np.unique(
+            np.concatenate(
+                [np.random.default_rng(0).integers(-bound, bound + 1, 40_000), [-bound, bound]]
+            )
+        )
+    )
     assert np.array_equal(emulate(xs, *plan, lo, hi), exact(xs, m, 0, t, lo, hi))
 
 
@@ -59,9 +73,21 @@ def test_add_plan_matches_exact_add_on_every_code_pair(ra, rb, bits):
             continue
         Ma, Mb, C = plan
         a, b = np.meshgrid(np.arange(rng[0], rng[1] + 1), np.arange(rng[0], rng[1] + 1))
-        got = np.clip(np.floor(np.add(np.add(np.multiply(a.astype(dtype), Ma, dtype=dtype),
-                                             np.multiply(b.astype(dtype), Mb, dtype=dtype),
-                                             dtype=dtype), C, dtype=dtype)), 0, (1 << bits) - 1)
+        got = np.clip(
+            np.floor(
+                np.add(
+                    np.add(
+                        np.multiply(a.astype(dtype), Ma, dtype=dtype),
+                        np.multiply(b.astype(dtype), Mb, dtype=dtype),
+                        dtype=dtype,
+                    ),
+                    C,
+                    dtype=dtype,
+                )
+            ),
+            0,
+            (1 << bits) - 1,
+        )
         want = np.clip((a * m_a + b * m_b + (1 << (t - 1))) >> t, 0, (1 << bits) - 1)
         assert np.array_equal(got.astype(np.int64), want)
 
@@ -69,7 +95,6 @@ def test_add_plan_matches_exact_add_on_every_code_pair(ra, rb, bits):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_torch_runtime_reports_its_paths(bits):
     from conftest import random_qat_program
-
     from lsqint import QuantConfig
     from lsqint.runtime import CompiledProgram
 

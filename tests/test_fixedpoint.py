@@ -42,8 +42,12 @@ def test_requantize_rounds_half_up_at_ties():
 
 
 @settings(max_examples=300, deadline=None)
-@given(acc=st.integers(-(2**31), 2**31 - 1), real=multipliers,
-       lo=st.integers(-128, 0), width=st.integers(1, 255))
+@given(
+    acc=st.integers(-(2**31), 2**31 - 1),
+    real=multipliers,
+    lo=st.integers(-128, 0),
+    width=st.integers(1, 255),
+)
 def test_requantize_is_exact_and_never_overflows_int64(acc, real, lo, width):
     m, t = quantize_multiplier(real)
     hi = lo + width

@@ -4,10 +4,10 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import assert_runtimes_agree, random_qat_program
 from torch import nn
 
 import lsqint
+from conftest import assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig, convert, load, prepare_qat, save
 from lsqint.intprog import ProgramError, verify
 from lsqint.intprog.artifact import ArtifactError, pack_bits, unpack_bits
@@ -42,7 +42,9 @@ def test_program_that_could_overflow_int32_is_refused_naming_the_layer():
     qat = prepare_qat(model.eval(), QuantConfig(), images)
     calibrate_(qat, images)
     qat.get_submodule("2").weight_quantizer.scale.data.fill_(1 / 256)  # every code saturates
-    with pytest.raises(ProgramError, match=r"node '2' \(linear\): int32 accumulator could overflow"):
+    with pytest.raises(
+        ProgramError, match=r"node '2' \(linear\): int32 accumulator could overflow"
+    ):
         convert(qat)
 
 
@@ -137,8 +139,8 @@ def test_random_bytes_and_missing_files_are_refused(tmp_path):
 
 
 def test_future_format_version_is_refused(tmp_path):
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = _saved(tmp_path)
     with safe_open(str(path), "np") as f:

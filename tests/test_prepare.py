@@ -2,9 +2,9 @@ import io
 
 import pytest
 import torch
-from conftest import randomize_bn_
 from torch import fx, nn
 
+from conftest import randomize_bn_
 from lsqint import QuantConfig, prepare_qat
 from lsqint.models import MODELS, create_model
 from lsqint.qat import QuantConv2d, QuantLinear, UnsupportedOpError, node_kind, quantizers
@@ -30,7 +30,10 @@ def test_bn_folding_leaves_eval_output_unchanged(name):
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def _prepared(name, config=QuantConfig(), size=32):
+DEFAULT = QuantConfig()
+
+
+def _prepared(name, config=DEFAULT, size=32):
     model = randomize_bn_(create_model(name, 10, size)).eval()
     channels = 1 if name == "digits_cnn" else 3
     x = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
@@ -108,8 +111,13 @@ def test_tiny_vgg_placement():
 
 
 def test_config_bits_and_overrides_apply():
-    cfg = QuantConfig(weight_bits=3, act_bits=5, per_channel=False, first_last_bits=None,
-                      overrides={"layers.2.*": {"weight_bits": 2, "act_bits": 6}})
+    cfg = QuantConfig(
+        weight_bits=3,
+        act_bits=5,
+        per_channel=False,
+        first_last_bits=None,
+        overrides={"layers.2.*": {"weight_bits": 2, "act_bits": 6}},
+    )
     gm, _ = _prepared("resnet20", cfg)
     assert int(gm.get_submodule("conv1").weight_quantizer.bits) == 3
     assert int(gm.get_submodule("layers.2.1.conv1").weight_quantizer.bits) == 2
@@ -177,13 +185,16 @@ def test_untraceable_model_gets_clear_error():
         prepare_qat(Branchy(), QuantConfig(), torch.zeros(1, 1, 2, 2))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"weight_bits": 9}, "weight_bits=9 is out of range"),
-    ({"act_bits": 1}, "act_bits=1"),
-    ({"first_last_bits": 0}, "first_last_bits"),
-    ({"overrides": {"fc": {"weight_bit": 3}}}, "did you mean 'weight_bits'"),
-    ({"overrides": {"fc": {"act_bits": 12}}}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"weight_bits": 9}, "weight_bits=9 is out of range"),
+        ({"act_bits": 1}, "act_bits=1"),
+        ({"first_last_bits": 0}, "first_last_bits"),
+        ({"overrides": {"fc": {"weight_bit": 3}}}, "did you mean 'weight_bits'"),
+        ({"overrides": {"fc": {"act_bits": 12}}}, "out of range"),
+    ],
+)
 def test_quant_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantConfig(**kwargs)

@@ -14,19 +14,26 @@ def paper_reference(x, s, qmin, qmax, g):
     v = x / s_b
     out = torch.clamp(torch.round(v), qmin, qmax) * s_b
     inside = (v >= qmin) & (v <= qmax)
-    ds = torch.where(v < qmin, torch.full_like(v, qmin),
-                     torch.where(v > qmax, torch.full_like(v, qmax), torch.round(v) - v))
+    ds = torch.where(
+        v < qmin,
+        torch.full_like(v, qmin),
+        torch.where(v > qmax, torch.full_like(v, qmax), torch.round(v) - v),
+    )
     return out, inside.to(x.dtype), ds * g
 
 
-CASES = [(bits, signed, per_channel) for bits in (2, 3, 4, 8) for signed in (True, False)
-         for per_channel in (False, True)]
+CASES = [
+    (bits, signed, per_channel)
+    for bits in (2, 3, 4, 8)
+    for signed in (True, False)
+    for per_channel in (False, True)
+]
 
 
 def _inputs(seed, per_channel, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 5, 4, 4, generator=g, dtype=dtype) * 2
-    s = (torch.rand(6 if per_channel else (), generator=g, dtype=dtype) * 0.3 + 0.05)
+    s = torch.rand(6 if per_channel else (), generator=g, dtype=dtype) * 0.3 + 0.05
     return x, s
 
 
@@ -56,7 +63,7 @@ def test_gradients_equal_paper_formulas(bits, signed, per_channel):
 
 
 def _band(v, qmin, qmax):
-    """Half a step just outside the range, where PyTorch (masks round(v)) and the paper (v) differ."""
+    """Half a step just outside the range: PyTorch masks on round(v), the paper on v."""
     return ((v < qmin) & (v >= qmin - 0.5)) | ((v > qmax) & (v < qmax + 0.5))
 
 
@@ -77,7 +84,8 @@ def test_matches_pytorch_learnable_fake_quant_outside_band(bits, signed, per_cha
     else:
         zp = torch.zeros(1)
         theirs = torch._fake_quantize_learnable_per_tensor_affine(
-            xb, sb.reshape(1), zp, qmin, qmax, g)
+            xb, sb.reshape(1), zp, qmin, qmax, g
+        )
     v = x / s_b
     band = _band(v, qmin, qmax)
     # PyTorch multiplies by 1/s where we divide by s: exclude the (rare) exact-tie neighbourhood.
@@ -107,10 +115,10 @@ def test_step_size_init_is_lsq_formula():
     x = torch.randn(8, 3, 3, 3)
     q = LSQQuantizer(4, signed=True, per_channel=True, num_channels=8)
     q.init_from_(x)
-    expected = 2 * x.abs().flatten(1).mean(1) / (7 ** 0.5)
+    expected = 2 * x.abs().flatten(1).mean(1) / (7**0.5)
     torch.testing.assert_close(q.scale.data, expected)
     assert q.grad_scale.item() == pytest.approx(1 / (27 * 7) ** 0.5)
-    assert torch.equal(init_scale(x, 7, False), (2 * x.abs().mean() / 7 ** 0.5))
+    assert torch.equal(init_scale(x, 7, False), (2 * x.abs().mean() / 7**0.5))
 
 
 def test_quantizer_state_survives_save_and_load():
@@ -150,9 +158,12 @@ def test_bad_bits_are_refused(bits):
 
 
 @settings(max_examples=50, deadline=None)
-@given(bits=st.integers(2, 8), signed=st.booleans(),
-       values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=64),
-       scale=st.floats(1e-3, 10.0))
+@given(
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    values=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=64),
+    scale=st.floats(1e-3, 10.0),
+)
 def test_fake_quant_error_is_at_most_half_a_step_inside_the_range(bits, signed, values, scale):
     qmin, qmax = code_range(bits, signed)
     x = torch.tensor(values, dtype=torch.float64)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_runtimes_agree, random_qat_program
 
+from conftest import assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig
 from lsqint.intprog import format_program
 from lsqint.runtime import RUNTIMES, run
@@ -27,8 +27,13 @@ def test_reference_and_torch_agree(name, bits, per_channel):
 
 
 def test_mixed_bits_first_last_at_full_width_agree():
-    config = QuantConfig(weight_bits=3, act_bits=5, first_last_bits=None, input_bits=6,
-                         overrides={"layers.0.*": {"weight_bits": 2, "act_bits": 2}})
+    config = QuantConfig(
+        weight_bits=3,
+        act_bits=5,
+        first_last_bits=None,
+        input_bits=6,
+        overrides={"layers.0.*": {"weight_bits": 2, "act_bits": 2}},
+    )
     _, program, images = random_qat_program("resnet20", config, seed=7)
     assert_runtimes_agree(program, images.numpy())
 
@@ -70,8 +75,9 @@ def test_cuda_runtime_equals_reference(name, bits):
     for per_channel in (True, False):
         config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
         _, program, images = random_qat_program(name, config, seed=bits, batch=8)
-        assert_runtimes_agree(program, images.numpy(), runtimes=("torch",),
-                              torch={"device": "cuda"})
+        assert_runtimes_agree(
+            program, images.numpy(), runtimes=("torch",), torch={"device": "cuda"}
+        )
 
 
 def test_runtime_registry_lists_reference_and_torch():

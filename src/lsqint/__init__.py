@@ -1,9 +1,9 @@
 """lsqint: LSQ quantization-aware training at 2-8 bits and integer-only inference for CNNs.
 
-    float nn.Module --prepare_qat--> QAT model --convert--> IntProgram --run/save/export_onnx-->
+float nn.Module --prepare_qat--> QAT model --convert--> IntProgram --run/save/export_onnx-->
 """
 
-from . import data, models
+from . import data, models  # noqa: F401  (public subpackages)
 from .intprog import IntProgram, convert, verify
 from .intprog.artifact import load, save
 from .qat import QuantConfig, prepare_qat

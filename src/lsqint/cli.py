@@ -10,14 +10,21 @@ from pathlib import Path
 from . import __version__
 
 # Errors we expect from bad input: printed as one line, exit code 2, nothing overwritten.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError,
-                                                 RuntimeError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    RuntimeError,
+)
 
 
 def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
-    p.add_argument("--dataset", default="cifar10",
-                   help="digits | synthetic | cifar10 | cifar100 | imagenet | tiny-imagenet | folder")
+    p.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="digits | synthetic | cifar10 | cifar100 | imagenet | tiny-imagenet | folder",
+    )
     p.add_argument("--data-root", default=None, help="dataset folder (else $CIFAR10_ROOT, ...)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
     p.add_argument("-e", "--epochs", type=int, default=epochs)
@@ -26,8 +33,9 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", "--wd", type=float, default=5e-4)
-    p.add_argument("--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 "
-                   "when available)")
+    p.add_argument(
+        "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
+    )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt of this run")
     p.add_argument("--image-size", type=int, default=None)
@@ -45,8 +53,12 @@ def _quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
-    p.add_argument("--first-last-bits", type=lambda s: None if s.lower() == "none" else int(s),
-                   default=8, help="bits of the first/last layer ('none' = same as the rest)")
+    p.add_argument(
+        "--first-last-bits",
+        type=lambda s: None if s.lower() == "none" else int(s),
+        default=8,
+        help="bits of the first/last layer ('none' = same as the rest)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("qat", help="LSQ quantization-aware training (seed: q_main.py)")
     _common(p, lr=0.01, epochs=60)
     _quant_flags(p)
-    p.add_argument("--init", default=None, help="float checkpoint (default: the best float "
-                   "checkpoint of this model and dataset under --log-dir)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="float checkpoint (default: the best float "
+        "checkpoint of this model and dataset under --log-dir)",
+    )
 
     p = sub.add_parser("infer", help="integer-only evaluation (seed: q_inference.py)")
     _common(p, lr=0.0, epochs=0)
     _quant_flags(p)
-    p.add_argument("--program", default=None, help="integer program file (default: the one "
-                   "next to the QAT checkpoint of this model, dataset and bits)")
-    p.add_argument("--checkpoint", default=None, help="QAT checkpoint for the fake-quant "
-                   "comparison (default: best.pt next to the program)")
+    p.add_argument(
+        "--program",
+        default=None,
+        help="integer program file (default: the one "
+        "next to the QAT checkpoint of this model, dataset and bits)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="QAT checkpoint for the fake-quant comparison (default: best.pt next to the program)",
+    )
     p.add_argument("--runtime", default="torch", help="reference | torch | onnx")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -102,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(ns)
     except KeyboardInterrupt:
-        print("lsqint: interrupted; the last finished epoch's checkpoint is intact", file=sys.stderr)
+        print(
+            "lsqint: interrupted; the last finished epoch's checkpoint is intact", file=sys.stderr
+        )
         return 130
     except _USER_ERRORS as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

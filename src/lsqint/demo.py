@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import load_data
 from .intprog.artifact import load
+from .runtime import run
+from .train import load_checkpoint
 from .workflow import (
     RunArgs,
     artifact_sizes,
@@ -24,9 +27,6 @@ from .workflow import (
     train_qat,
     write_json,
 )
-from .data import load_data
-from .runtime import run
-from .train import load_checkpoint
 
 FLOAT_EPOCHS = 40
 QAT_EPOCHS = 20
@@ -40,13 +40,22 @@ def _parse_bits(bits: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def demo(json_path: str | None = None, out: Path | None = None, bits: str = "4,4;2,2",
-         seed: int = 0) -> list[dict]:
+def demo(
+    json_path: str | None = None, out: Path | None = None, bits: str = "4,4;2,2", seed: int = 0
+) -> list[dict]:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out) if out else Path(tmp)
-        base = dict(model="digits_cnn", dataset="digits", batch_size=64, test_batch_size=512,
-                    cuda=-1, seed=seed, log_dir=str(root), progress=False)
+        base = dict(
+            model="digits_cnn",
+            dataset="digits",
+            batch_size=64,
+            test_batch_size=512,
+            cuda=-1,
+            seed=seed,
+            log_dir=str(root),
+            progress=False,
+        )
         print(f"[demo] float training: digits_cnn on scikit-learn digits, {FLOAT_EPOCHS} epochs")
         float_result = train_float(RunArgs(epochs=FLOAT_EPOCHS, lr=0.05, **base))
         data = load_data("digits")
@@ -58,26 +67,42 @@ def demo(json_path: str | None = None, out: Path | None = None, bits: str = "4,4
         rows = []
         for w_bits, a_bits in _parse_bits(bits):
             print(f"[demo] QAT W{w_bits}A{a_bits}: {QAT_EPOCHS} epochs")
-            result = train_qat(RunArgs(epochs=QAT_EPOCHS, lr=0.01, w_num_bits=w_bits,
-                                       a_num_bits=a_bits, **base))
+            result = train_qat(
+                RunArgs(epochs=QAT_EPOCHS, lr=0.01, w_num_bits=w_bits, a_num_bits=a_bits, **base)
+            )
             program_path = Path(result["program"])
             program = load(program_path)
             qat_model, _ = load_qat_model(result["checkpoint"])
             cmp = compare(program, qat_model, images, labels, runtime="reference")
-            equal = bool(np.array_equal(run(program, images.numpy(), "reference"),
-                                        run(program, images.numpy(), "torch")))
-            rows.append({"w_bits": w_bits, "a_bits": a_bits, "float_acc": float_acc,
-                         "fakequant_acc": cmp["fakequant_acc"], "int_acc": cmp["int_acc"],
-                         "agreement": cmp["agreement"], "runtimes_equal": equal,
-                         **artifact_sizes(program, program_path)})
+            equal = bool(
+                np.array_equal(
+                    run(program, images.numpy(), "reference"), run(program, images.numpy(), "torch")
+                )
+            )
+            rows.append(
+                {
+                    "w_bits": w_bits,
+                    "a_bits": a_bits,
+                    "float_acc": float_acc,
+                    "fakequant_acc": cmp["fakequant_acc"],
+                    "int_acc": cmp["int_acc"],
+                    "agreement": cmp["agreement"],
+                    "runtimes_equal": equal,
+                    **artifact_sizes(program, program_path),
+                }
+            )
     print()
-    print(f"{'W/A':>5} {'float':>7} {'fakeq':>7} {'int':>7} {'agree':>8} {'ref==torch':>10} "
-          f"{'artifact':>9} {'float32':>8}")
+    print(
+        f"{'W/A':>5} {'float':>7} {'fakeq':>7} {'int':>7} {'agree':>8} {'ref==torch':>10} "
+        f"{'artifact':>9} {'float32':>8}"
+    )
     for r in rows:
-        print(f"{r['w_bits']}/{r['a_bits']:<3} {100 * r['float_acc']:>6.2f}% "
-              f"{100 * r['fakequant_acc']:>6.2f}% {100 * r['int_acc']:>6.2f}% "
-              f"{100 * r['agreement']:>7.2f}% {str(r['runtimes_equal']):>10} "
-              f"{r['artifact_bytes']:>8}B {r['float_bytes']:>7}B")
+        print(
+            f"{r['w_bits']}/{r['a_bits']:<3} {100 * r['float_acc']:>6.2f}% "
+            f"{100 * r['fakequant_acc']:>6.2f}% {100 * r['int_acc']:>6.2f}% "
+            f"{100 * r['agreement']:>7.2f}% {str(r['runtimes_equal']):>10} "
+            f"{r['artifact_bytes']:>8}B {r['float_bytes']:>7}B"
+        )
     print(f"({len(images)} held-out digits images; {time.time() - start:.0f} s)")
     if json_path:
         write_json(json_path, rows)

@@ -19,11 +19,20 @@ from .workflow import (
 )
 
 
-def infer(args: RunArgs, program_path: str | None, checkpoint: str | None, runtime: str,
-          limit: int | None, json_path: str | None) -> int:
+def infer(
+    args: RunArgs,
+    program_path: str | None,
+    checkpoint: str | None,
+    runtime: str,
+    limit: int | None,
+    json_path: str | None,
+) -> int:
     if program_path is None:
-        program_path = str(run_dir(args.log_dir, args.dataset, args.model)
-                           / qat_dir_name(args.w_num_bits, args.a_num_bits) / PROGRAM_FILE)
+        program_path = str(
+            run_dir(args.log_dir, args.dataset, args.model)
+            / qat_dir_name(args.w_num_bits, args.a_num_bits)
+            / PROGRAM_FILE
+        )
     path = Path(program_path)
     program = load(path)
     ckpt = Path(checkpoint) if checkpoint else path.parent / "best.pt"
@@ -40,16 +49,22 @@ def infer(args: RunArgs, program_path: str | None, checkpoint: str | None, runti
     row.update(program=str(path), dataset=dataset)
     print(f"program            {path}")
     print(f"images             {row['images']} ({dataset} val)")
-    print(f"integer top-1      {100 * row['int_acc']:.2f} %   ({runtime} runtime on "
-          f"{device}, {row['images_per_s']:.0f} images/s)")
+    print(
+        f"integer top-1      {100 * row['int_acc']:.2f} %   ({runtime} runtime on "
+        f"{device}, {row['images_per_s']:.0f} images/s)"
+    )
     if qat_model is not None:
         print(f"fake-quant top-1   {100 * row['fakequant_acc']:.2f} %   (QAT checkpoint {ckpt})")
-        print(f"label agreement    {100 * row['agreement']:.3f} %   ({row['flips']} of "
-              f"{row['images']} differ)")
+        print(
+            f"label agreement    {100 * row['agreement']:.3f} %   ({row['flips']} of "
+            f"{row['images']} differ)"
+        )
     else:
         print(f"fake-quant top-1   n/a (no QAT checkpoint at {ckpt})")
-    print(f"artifact           {row['artifact_bytes']} bytes vs {row['float_bytes']} float32 bytes "
-          f"({row['float_bytes'] / row['artifact_bytes']:.1f}x smaller)")
+    print(
+        f"artifact           {row['artifact_bytes']} bytes vs {row['float_bytes']} float32 bytes "
+        f"({row['float_bytes'] / row['artifact_bytes']:.1f}x smaller)"
+    )
     if json_path:
         write_json(json_path, row)
     return 0

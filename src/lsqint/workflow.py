@@ -26,7 +26,6 @@ from .train import (
     DistInfo,
     TrainConfig,
     Trainer,
-    evaluate,
     load_checkpoint,
 )
 from .train.checkpoint import check_compatible
@@ -43,18 +42,38 @@ def qat_dir_name(w_bits: int, a_bits: int) -> str:
     return f"w{w_bits}a{a_bits}"
 
 
-def model_meta(model: str, data: Data, kind: str, dataset: str, num_classes: int | None = None,
-               quant: QuantConfig | None = None) -> dict[str, Any]:
+def model_meta(
+    model: str,
+    data: Data,
+    kind: str,
+    dataset: str,
+    num_classes: int | None = None,
+    quant: QuantConfig | None = None,
+) -> dict[str, Any]:
     spec = data.spec
-    return {"kind": kind, "model": model, "dataset": dataset,
-            "num_classes": num_classes or spec.num_classes, "image_size": spec.image_size,
-            "in_channels": spec.in_channels, "mean": list(spec.mean), "std": list(spec.std),
-            "quant": quant.to_dict() if quant else None, "lsqint_version": __version__}
+    return {
+        "kind": kind,
+        "model": model,
+        "dataset": dataset,
+        "num_classes": num_classes or spec.num_classes,
+        "image_size": spec.image_size,
+        "in_channels": spec.in_channels,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "quant": quant.to_dict() if quant else None,
+        "lsqint_version": __version__,
+    }
 
 
 def build_float_model(meta: dict[str, Any]) -> nn.Module:
-    return create_model(meta["model"], meta["num_classes"], meta["image_size"],
-                        meta["in_channels"], meta["mean"], meta["std"])
+    return create_model(
+        meta["model"],
+        meta["num_classes"],
+        meta["image_size"],
+        meta["in_channels"],
+        meta["mean"],
+        meta["std"],
+    )
 
 
 def example_input(meta: dict[str, Any], batch: int = 2) -> torch.Tensor:
@@ -72,8 +91,9 @@ def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
     state = load_checkpoint(path)
     meta = state["meta"]
     if meta.get("kind") != "qat":
-        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint, not a QAT one; "
-                              "run `lsqint qat` first")
+        raise CheckpointError(
+            f"{path} is a {meta.get('kind')} checkpoint, not a QAT one; run `lsqint qat` first"
+        )
     model = build_qat_model(meta)
     _load_weights(model, state["model"], path)
     return model, meta
@@ -84,8 +104,10 @@ def _load_weights(model: nn.Module, weights: dict, path) -> None:
         model.load_state_dict(weights)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); pass the "
-                              "checkpoint of the same --model and --num-classes") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({first}); pass the "
+            "checkpoint of the same --model and --num-classes"
+        ) from None
 
 
 def _device(cuda: int) -> torch.device:
@@ -134,20 +156,48 @@ def _setup(args: RunArgs, dist: DistInfo | None):
     torch.manual_seed(args.seed)
     data = load_data(args.dataset, args.data_root, args.image_size, args.download)
     if args.num_classes is not None and args.num_classes < data.spec.num_classes:
-        raise ValueError(f"--num-classes {args.num_classes} is smaller than the dataset's "
-                         f"{data.spec.num_classes} classes")
-    train = make_loader(data.train, args.batch_size, True, device, args.seed, dist.rank,
-                        dist.world_size, args.workers, data.spec)
-    val = make_loader(data.val, args.test_batch_size, False, device, args.seed, dist.rank,
-                      dist.world_size, args.workers)
+        raise ValueError(
+            f"--num-classes {args.num_classes} is smaller than the dataset's "
+            f"{data.spec.num_classes} classes"
+        )
+    train = make_loader(
+        data.train,
+        args.batch_size,
+        True,
+        device,
+        args.seed,
+        dist.rank,
+        dist.world_size,
+        args.workers,
+        data.spec,
+    )
+    val = make_loader(
+        data.val,
+        args.test_batch_size,
+        False,
+        device,
+        args.seed,
+        dist.rank,
+        dist.world_size,
+        args.workers,
+    )
     return dist, device, data, train, val
 
 
 def _train_config(args: RunArgs, out: Path, meta) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, amp=args.amp, out_dir=str(out),
-                       resume=args.resume, log_dir=str(out / "tb"), progress=args.progress,
-                       max_steps_per_epoch=args.max_steps_per_epoch, meta=meta)
+    return TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        amp=args.amp,
+        out_dir=str(out),
+        resume=args.resume,
+        log_dir=str(out / "tb"),
+        progress=args.progress,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        meta=meta,
+    )
 
 
 def train_float(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
@@ -168,8 +218,10 @@ def _float_weights(path, args: RunArgs) -> dict:
     state = load_checkpoint(path)
     meta = state["meta"]
     if meta.get("kind") != "float":
-        raise CheckpointError(f"{path} is a {meta.get('kind')} checkpoint; --init needs a float "
-                              "checkpoint from `lsqint train`")
+        raise CheckpointError(
+            f"{path} is a {meta.get('kind')} checkpoint; --init needs a float "
+            "checkpoint from `lsqint train`"
+        )
     check_compatible(meta, path, model=args.model)
     return state["model"]
 
@@ -181,8 +233,12 @@ def default_float_checkpoint(args: RunArgs) -> Path:
 def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     """`lsqint qat`: fold BN, insert quantizers, calibrate on the first batch, train; the best
     checkpoint's integer program is saved next to it."""
-    config = QuantConfig(weight_bits=args.w_num_bits, act_bits=args.a_num_bits,
-                         per_channel=args.per_channel, first_last_bits=args.first_last_bits)
+    config = QuantConfig(
+        weight_bits=args.w_num_bits,
+        act_bits=args.a_num_bits,
+        per_channel=args.per_channel,
+        first_last_bits=args.first_last_bits,
+    )
     dist, device, data, train, val = _setup(args, dist)
     meta = model_meta(args.model, data, "qat", args.dataset, args.num_classes, config)
     float_model = build_float_model(meta)
@@ -191,15 +247,29 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         _load_weights(float_model, _float_weights(init, args), init)
     model = build_qat_model(meta, float_model).to(device)
     if not args.resume:
-        first_images, _ = next(iter(make_loader(data.train, args.batch_size, True, device,
-                                                args.seed + 1, dist.rank, dist.world_size, 0,
-                                                data.spec)))
+        first_images, _ = next(
+            iter(
+                make_loader(
+                    data.train,
+                    args.batch_size,
+                    True,
+                    device,
+                    args.seed + 1,
+                    dist.rank,
+                    dist.world_size,
+                    0,
+                    data.spec,
+                )
+            )
+        )
         calibrate_(model, first_images)  # activation step sizes; averaged over ranks
-    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(args.w_num_bits,
-                                                                          args.a_num_bits)
+    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(
+        args.w_num_bits, args.a_num_bits
+    )
     on_best = _save_program if args.save_program else None
-    result = Trainer(model, train, val, _train_config(args, out, meta), device, dist,
-                     on_best=on_best).fit()
+    result = Trainer(
+        model, train, val, _train_config(args, out, meta), device, dist, on_best=on_best
+    ).fit()
     result["checkpoint"] = str(out / "best.pt")
     result["program"] = str(out / PROGRAM_FILE)
     result["model"] = model
@@ -208,8 +278,12 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
 
 def _save_program(model: fx.GraphModule, out: Path, meta: dict[str, Any]) -> None:
     program = convert(model)
-    program.metadata.update({k: meta[k] for k in ("model", "dataset", "num_classes", "image_size",
-                                                  "quant", "lsqint_version")})
+    program.metadata.update(
+        {
+            k: meta[k]
+            for k in ("model", "dataset", "num_classes", "image_size", "quant", "lsqint_version")
+        }
+    )
     save(program, out / PROGRAM_FILE)
 
 
@@ -220,8 +294,11 @@ def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
         images, labels = dataset.images, dataset.labels
     else:
         n = len(dataset)
-        index = range(n) if limit is None or limit >= n else (
-            torch.linspace(0, n - 1, limit).round().long().tolist())
+        index = (
+            range(n)
+            if limit is None or limit >= n
+            else (torch.linspace(0, n - 1, limit).round().long().tolist())
+        )
         pairs = [dataset[i] for i in index]
         images = torch.stack([p[0] for p in pairs])
         labels = torch.tensor([p[1] for p in pairs])
@@ -233,8 +310,13 @@ def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
     return images.contiguous(), labels
 
 
-def integer_predictions(program: IntProgram, images: torch.Tensor, runtime: str = "torch",
-                        batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, float]:
+def integer_predictions(
+    program: IntProgram,
+    images: torch.Tensor,
+    runtime: str = "torch",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> tuple[np.ndarray, float]:
     """(predicted labels, images/s) of an integer program over ``images``."""
     compiled = CompiledProgram(program, device) if runtime == "torch" else None
     preds = []
@@ -250,17 +332,33 @@ def integer_predictions(program: IntProgram, images: torch.Tensor, runtime: str 
 @torch.no_grad()
 def fakequant_predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 256):
     model.eval()
-    return np.concatenate([model(images[i : i + batch_size]).argmax(1).numpy()
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [
+            model(images[i : i + batch_size]).argmax(1).numpy()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
-def compare(program: IntProgram, qat_model: nn.Module | None, images, labels,
-            runtime: str = "torch", batch_size: int = 256, device: str = "cpu") -> dict[str, Any]:
+def compare(
+    program: IntProgram,
+    qat_model: nn.Module | None,
+    images,
+    labels,
+    runtime: str = "torch",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Integer top-1, fake-quant top-1 and their label agreement on the same images."""
     labels_np = labels.numpy()
     int_pred, ips = integer_predictions(program, images, runtime, batch_size, device)
-    row: dict[str, Any] = {"images": len(labels_np), "int_acc": float((int_pred == labels_np).mean()),
-                           "images_per_s": ips, "runtime": runtime, "device": str(device)}
+    row: dict[str, Any] = {
+        "images": len(labels_np),
+        "int_acc": float((int_pred == labels_np).mean()),
+        "images_per_s": ips,
+        "runtime": runtime,
+        "device": str(device),
+    }
     if qat_model is not None:
         fq_pred = fakequant_predictions(qat_model, images, batch_size)
         row["fakequant_acc"] = float((fq_pred == labels_np).mean())
@@ -270,8 +368,10 @@ def compare(program: IntProgram, qat_model: nn.Module | None, images, labels,
 
 
 def artifact_sizes(program: IntProgram, path: Path) -> dict[str, int]:
-    return {"artifact_bytes": path.stat().st_size,
-            "float_bytes": float_state_bytes(program_num_params(program))}
+    return {
+        "artifact_bytes": path.stat().st_size,
+        "float_bytes": float_state_bytes(program_num_params(program)),
+    }
 
 
 def write_json(path: str | Path, obj) -> None:

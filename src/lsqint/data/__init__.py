@@ -12,5 +12,16 @@ from .datasets import (
 )
 from .memory import ImageSet, TensorLoader, random_crop_flip
 
-__all__ = ["DATASETS", "Data", "DataSpec", "DatasetError", "ImageSet", "TensorLoader", "digits",
-           "load_data", "make_loader", "random_crop_flip", "synthetic"]
+__all__ = [
+    "DATASETS",
+    "Data",
+    "DataSpec",
+    "DatasetError",
+    "ImageSet",
+    "TensorLoader",
+    "digits",
+    "load_data",
+    "make_loader",
+    "random_crop_flip",
+    "synthetic",
+]

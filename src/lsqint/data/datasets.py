@@ -1,4 +1,5 @@
-"""Datasets by name: digits (embedded), synthetic (tests), CIFAR-10/100, ImageNet, Tiny-ImageNet, folder.
+"""Datasets by name: digits (embedded), synthetic (tests), CIFAR-10/100, ImageNet, Tiny-ImageNet,
+folder.
 
 Every dataset yields uint8 images; the model's own Normalize module turns them into floats.
 Nothing is downloaded unless the user asks (``download=True`` for CIFAR).
@@ -22,8 +23,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Environment variables the seed project read its dataset roots from.
-ROOT_ENV = {"cifar10": "CIFAR10_ROOT", "cifar100": "CIFAR100_ROOT", "imagenet": "IMAGENET_ROOT",
-            "tiny-imagenet": "TINYIMAGENET_ROOT", "folder": "DATA_ROOT"}
+ROOT_ENV = {
+    "cifar10": "CIFAR10_ROOT",
+    "cifar100": "CIFAR100_ROOT",
+    "imagenet": "IMAGENET_ROOT",
+    "tiny-imagenet": "TINYIMAGENET_ROOT",
+    "folder": "DATA_ROOT",
+}
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet", "tiny-imagenet", "folder")
 
 
@@ -75,8 +81,14 @@ def digits(image_size: int = 8) -> Data:
     return Data(spec, train, val)
 
 
-def synthetic(num_classes: int = 4, image_size: int = 16, channels: int = 3, train_size: int = 256,
-              val_size: int = 64, seed: int = 0) -> Data:
+def synthetic(
+    num_classes: int = 4,
+    image_size: int = 16,
+    channels: int = 3,
+    train_size: int = 256,
+    val_size: int = 64,
+    seed: int = 0,
+) -> Data:
     """Learnable random data for tests: each class is a noisy version of its own random pattern."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.randint(0, 256, (num_classes, channels, image_size, image_size), generator=g)
@@ -87,20 +99,25 @@ def synthetic(num_classes: int = 4, image_size: int = 16, channels: int = 3, tra
         images = (protos[labels] + noise).clamp(0, 255).to(torch.uint8)
         return ImageSet(images, labels, [f"class{i}" for i in range(num_classes)])
 
-    spec = DataSpec("synthetic", num_classes, channels, image_size, (0.5,) * channels,
-                    (0.25,) * channels)
+    spec = DataSpec(
+        "synthetic", num_classes, channels, image_size, (0.5,) * channels, (0.25,) * channels
+    )
     return Data(spec, make(train_size), make(val_size))
 
 
 def resolve_root(name: str, data_root: str | None) -> Path:
     root = data_root or os.environ.get(ROOT_ENV.get(name, ""), "")
     if not root:
-        raise DatasetError(f"{name}: no dataset root given; pass --data-root DIR or set "
-                           f"{ROOT_ENV.get(name, 'DATA_ROOT')}")
+        raise DatasetError(
+            f"{name}: no dataset root given; pass --data-root DIR or set "
+            f"{ROOT_ENV.get(name, 'DATA_ROOT')}"
+        )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DatasetError(f"{name}: dataset root {path} does not exist; pass --data-root with the "
-                           "folder that holds the data")
+        raise DatasetError(
+            f"{name}: dataset root {path} does not exist; pass --data-root with the "
+            "folder that holds the data"
+        )
     return path
 
 
@@ -124,10 +141,16 @@ def _load_folder_in_memory(folder: Path, cache_dir: Path | None) -> ImageSet:
     cache = cache_dir / f"{folder.name}-{key}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
         with np.load(cache) as f:
-            return ImageSet(torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]),
-                            ds.classes)
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB"))
-                                        for p, _ in ds.samples])).permute(0, 3, 1, 2).contiguous()
+            return ImageSet(
+                torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]), ds.classes
+            )
+    images = (
+        torch.from_numpy(
+            np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in ds.samples])
+        )
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +161,7 @@ def _load_folder_in_memory(folder: Path, cache_dir: Path | None) -> ImageSet:
 
 
 def cifar(name: str, data_root: str | None, download: bool = False) -> Data:
-    """CIFAR-10/100 from torchvision's folder format, or from an ImageFolder tree (train/, val|test/)."""
+    """CIFAR-10/100 from torchvision's folder format, or an ImageFolder tree (train/, val|test/)."""
     num_classes = 10 if name == "cifar10" else 100
     spec = DataSpec(name, num_classes, 3, 32, CIFAR_MEAN, CIFAR_STD)
     if download and data_root:
@@ -155,11 +178,19 @@ def cifar(name: str, data_root: str | None, download: bool = False) -> Data:
     try:
         sets = [cls(str(root), train=t, download=download) for t in (True, False)]
     except RuntimeError as err:
-        raise DatasetError(f"{name}: not found under {root} ({err}); point --data-root at "
-                           "torchvision's CIFAR folder or an ImageFolder tree with train/ and val/, "
-                           "or pass --download") from None
-    train, val = (ImageSet(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-                           torch.tensor(s.targets), list(s.classes)) for s in sets)
+        raise DatasetError(
+            f"{name}: not found under {root} ({err}); point --data-root at "
+            "torchvision's CIFAR folder or an ImageFolder tree with train/ and val/, "
+            "or pass --download"
+        ) from None
+    train, val = (
+        ImageSet(
+            torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor(s.targets),
+            list(s.classes),
+        )
+        for s in sets
+    )
     return Data(spec, train, val)
 
 
@@ -174,8 +205,9 @@ def image_folder(name: str, data_root: str | None, image_size: int | None) -> Da
         raise DatasetError(f"{name}: {root} must contain train/ and val/ (or test/) class folders")
     size = image_size or {"imagenet": 224, "tiny-imagenet": 64}.get(name, 224)
     resize = int(round(size / 0.875))
-    train_tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True),
-                           v2.RandomHorizontalFlip()])
+    train_tf = v2.Compose(
+        [v2.PILToTensor(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    )
     val_tf = v2.Compose([v2.PILToTensor(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
     train = datasets.ImageFolder(str(dirs[0]), transform=train_tf)
     val = datasets.ImageFolder(str(dirs[1]), transform=val_tf)
@@ -183,8 +215,9 @@ def image_folder(name: str, data_root: str | None, image_size: int | None) -> Da
     return Data(spec, train, val)
 
 
-def load_data(name: str, data_root: str | None = None, image_size: int | None = None,
-              download: bool = False) -> Data:
+def load_data(
+    name: str, data_root: str | None = None, image_size: int | None = None, download: bool = False
+) -> Data:
     """Load a dataset by name (see DATASETS)."""
     if name == "digits":
         return digits(image_size or 8)
@@ -201,29 +234,54 @@ def load_data(name: str, data_root: str | None = None, image_size: int | None = 
     raise DatasetError(f"unknown dataset {name!r}{hint} (available: {', '.join(DATASETS)})")
 
 
-def make_loader(dataset, batch_size: int, train: bool, device, seed: int = 0, rank: int = 0,
-                world_size: int = 1, workers: int = 2, spec: DataSpec | None = None):
+def make_loader(
+    dataset,
+    batch_size: int,
+    train: bool,
+    device,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    spec: DataSpec | None = None,
+):
     """A TensorLoader for in-memory sets; a DataLoader (DistributedSampler under DDP) otherwise."""
     if isinstance(dataset, ImageSet):
         pad, flip = (spec.crop_pad, spec.flip) if spec else (4, True)
-        return TensorLoader(dataset, batch_size, train, device, seed, pad=pad, flip=flip,
-                            rank=rank, world_size=world_size)
+        return TensorLoader(
+            dataset,
+            batch_size,
+            train,
+            device,
+            seed,
+            pad=pad,
+            flip=flip,
+            rank=rank,
+            world_size=world_size,
+        )
     return StreamLoader(dataset, batch_size, train, device, seed, rank, world_size, workers)
 
 
 class StreamLoader:
-    """DataLoader over a folder dataset; reseeded per epoch so resumed runs replay the same order."""
+    """DataLoader over a folder dataset, reseeded per epoch: resumed runs replay the same order."""
 
     def __init__(self, dataset, batch_size, train, device, seed, rank, world_size, workers):
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
         self.epoch = 0
-        self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
-                                          drop_last=train)
-        self.loader = DataLoader(dataset, batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", drop_last=train,
-                                 persistent_workers=workers > 0)
+        self.sampler = DistributedSampler(
+            dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=train,
+            persistent_workers=workers > 0,
+        )
 
     def __len__(self):
         return len(self.loader)
@@ -232,7 +290,10 @@ class StreamLoader:
         self.sampler.set_epoch(self.epoch)
         self.epoch += 1
         for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch}

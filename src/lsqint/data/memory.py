@@ -24,8 +24,10 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 
@@ -56,9 +58,19 @@ class TensorLoader:
     Under DDP each rank draws the same permutation and takes its own shard ``perm[rank::world]``.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, train: bool, device="cpu",
-                 seed: int = 0, pad: int = 4, flip: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool | None = None) -> None:
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        train: bool,
+        device="cpu",
+        seed: int = 0,
+        pad: int = 4,
+        flip: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+    ) -> None:
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size = batch_size

@@ -1,4 +1,4 @@
-"""save/load an IntProgram: safetensors tensors + the graph as JSON in the metadata (DESIGN section 6).
+"""save/load an IntProgram: safetensors tensors + the graph as JSON metadata (DESIGN section 6).
 
 Weights of b < 8 bits are stored as a dense b-bit stream: code - qmin (an unsigned b-bit number)
 per weight, least significant bit first, so 4-bit weights take two per byte and 3-bit weights
@@ -80,8 +80,12 @@ def save(program: IntProgram, path: str | os.PathLike) -> int:
         "metadata": program.metadata,
         "packing": packing,
     }
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "graph": json.dumps(graph),
-            "sha256": _digest(tensors)}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "graph": json.dumps(graph),
+        "sha256": _digest(tensors),
+    }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -109,15 +113,21 @@ def load(path: str | os.PathLike) -> IntProgram:
     """Read and fully validate a program written by ``save``."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: no such program file; create one with `lsqint qat` or "
-                            "lsqint.save(program, path)")
+        raise ArtifactError(
+            f"{path}: no such program file; create one with `lsqint qat` or "
+            "lsqint.save(program, path)"
+        )
     meta = _read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not an lsqint integer program (format "
-                            f"{meta.get('format')!r}); was it written by lsqint.save?")
+        raise ArtifactError(
+            f"{path}: not an lsqint integer program (format "
+            f"{meta.get('format')!r}); was it written by lsqint.save?"
+        )
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ArtifactError(f"{path}: program format version {meta.get('format_version')} is not "
-                            f"supported by this lsqint (reads version {FORMAT_VERSION}); convert again")
+        raise ArtifactError(
+            f"{path}: program format version {meta.get('format_version')} is not "
+            f"supported by this lsqint (reads version {FORMAT_VERSION}); convert again"
+        )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -147,7 +157,9 @@ def load(path: str | os.PathLike) -> IntProgram:
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):
             raise
-        raise ArtifactError(f"{path}: malformed program graph ({type(err).__name__}: {err})") from None
+        raise ArtifactError(
+            f"{path}: malformed program graph ({type(err).__name__}: {err})"
+        ) from None
     try:
         return verify(program)
     except ProgramError as err:
@@ -160,5 +172,6 @@ def float_state_bytes(num_params: int) -> int:
 
 
 def program_num_params(program: IntProgram) -> int:
-    return sum(int(n.params[k].size) for n in program.nodes for k in ("weight", "bias")
-               if k in n.params)
+    return sum(
+        int(n.params[k].size) for n in program.nodes for k in ("weight", "bias") if k in n.params
+    )

@@ -113,8 +113,10 @@ def convert(qat_model: fx.GraphModule) -> IntProgram:
         )
     for name, p in qat_model.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(f"parameter '{name}' holds NaN or inf: the QAT model is broken; "
-                             "retrain from the last good checkpoint")
+            raise ValueError(
+                f"parameter '{name}' holds NaN or inf: the QAT model is broken; "
+                "retrain from the last good checkpoint"
+            )
     gm = qat_model
     was_training = gm.training
     device = next(gm.parameters()).device
@@ -200,20 +202,28 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
     if isinstance(src, Normalized):
         t = input_shift(src.std, s_out)
         ab = [input_affine(mu, sd, s_out, t) for mu, sd in zip(src.mean, src.std, strict=True)]
-        params = {"a": np.array([p[0] for p in ab], np.int64),
-                  "b": np.array([p[1] for p in ab], np.int64)}
+        params = {
+            "a": np.array([p[0] for p in ab], np.int64),
+            "b": np.array([p[1] for p in ab], np.int64),
+        }
         attrs = {"shift": t, "qmin": lo, "qmax": hi}
         return Codes(b.emit("input", node.name, ["input"], out, attrs, params), s_out)
     if isinstance(src, Acc):
         m, t = quantize_multipliers(src.scale / s_out)
         attrs = {"lo": lo, "hi": hi}
-        return Codes(b.emit("requantize", node.name, [src.tensor], out, attrs,
-                            {"m": m, "t": t}), s_out)
+        return Codes(
+            b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "t": t}), s_out
+        )
     if isinstance(src, PendingAdd):
         real_a, real_b = src.a.scale / s_out, src.b.scale / s_out
         _, t = quantize_multiplier(max(real_a, real_b))  # one shared shift, set by the larger
-        attrs = {"m_a": multiplier_for_shift(real_a, t), "m_b": multiplier_for_shift(real_b, t),
-                 "shift": t, "lo": lo, "hi": hi}
+        attrs = {
+            "m_a": multiplier_for_shift(real_a, t),
+            "m_b": multiplier_for_shift(real_b, t),
+            "shift": t,
+            "lo": lo,
+            "hi": hi,
+        }
         return Codes(b.emit("add", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
     raise UnsupportedOpError(f"{describe(b.gm, node)}: nothing quantizable feeds this quantizer")
 
@@ -243,8 +253,12 @@ def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:
     out = TensorSpec(node.name, "int32", b.shape(node), INT32_MIN, INT32_MAX, acc_scale.tolist())
     attrs = {"weight_bits": int(wq.bits), "acc_bound": bound}
     if kind == "conv":
-        attrs.update(stride=list(layer.stride), padding=list(layer.padding),
-                     dilation=list(layer.dilation), groups=layer.groups)
+        attrs.update(
+            stride=list(layer.stride),
+            padding=list(layer.padding),
+            dilation=list(layer.dilation),
+            groups=layer.groups,
+        )
         op = "conv2d"
     else:
         op = "linear"
@@ -265,8 +279,13 @@ def _call_args(fn, node: fx.Node) -> dict:
 def _lower_maxpool(b: _Builder, node: fx.Node, x: Codes) -> Codes:
     if node.op == "call_module":
         p: nn.MaxPool2d = b.gm.get_submodule(node.target)
-        kernel, stride, padding, dilation, ceil = (p.kernel_size, p.stride, p.padding, p.dilation,
-                                                   p.ceil_mode)
+        kernel, stride, padding, dilation, ceil = (
+            p.kernel_size,
+            p.stride,
+            p.padding,
+            p.dilation,
+            p.ceil_mode,
+        )
         if p.return_indices:
             raise UnsupportedOpError(f"{describe(b.gm, node)}: return_indices is not supported")
     else:
@@ -275,8 +294,13 @@ def _lower_maxpool(b: _Builder, node: fx.Node, x: Codes) -> Codes:
         dilation, ceil = a["dilation"], a["ceil_mode"]
     spec = b.tensors[x.tensor]
     out = TensorSpec(node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale])
-    attrs = {"kernel": _pair(kernel), "stride": _pair(stride), "padding": _pair(padding),
-             "dilation": _pair(dilation), "ceil_mode": bool(ceil)}
+    attrs = {
+        "kernel": _pair(kernel),
+        "stride": _pair(stride),
+        "padding": _pair(padding),
+        "dilation": _pair(dilation),
+        "ceil_mode": bool(ceil),
+    }
     return Codes(b.emit("maxpool2d", node.name, [x.tensor], out, attrs), x.scale)
 
 
@@ -305,13 +329,15 @@ def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
         if h % oh or w % ow:
             raise UnsupportedOpError(
                 f"{describe(gm, node)}: adaptive pooling {h}x{w} -> {oh}x{ow} has uneven windows; "
-                "use an input size divisible by the output size")
+                "use an input size divisible by the output size"
+            )
         kernel, stride, padding = (h // oh, w // ow), (h // oh, w // ow), (0, 0)
     else:
         if ceil or divisor is not None or (any(_pair(padding)) and not include_pad):
             raise UnsupportedOpError(
                 f"{describe(gm, node)}: only avg pooling with a constant window size is supported "
-                "(ceil_mode=False, no divisor_override, count_include_pad=True when padded)")
+                "(ceil_mode=False, no divisor_override, count_include_pad=True when padded)"
+            )
     kernel, stride, padding = _pair(kernel), _pair(stride), _pair(padding)
     area = kernel[0] * kernel[1]
     spec = b.tensors[x.tensor]
@@ -330,8 +356,9 @@ def _lower_output(b: _Builder, node: fx.Node, value) -> None:
         raise UnsupportedOpError("the model must end with a conv/linear layer (the logits)")
     spec = b.tensors[value.tensor]
     layer = next(n for n in b.nodes if n.output == value.tensor)
-    bound = conv_acc_bound(layer.params["weight"], layer.params["bias"],
-                           _input_absmax(b, layer)).astype(np.float64)
+    bound = conv_acc_bound(
+        layer.params["weight"], layer.params["bias"], _input_absmax(b, layer)
+    ).astype(np.float64)
     scale = value.scale
     if np.all(scale == scale[0]):
         # One scale already (per-tensor weights): the accumulator is the logits.
@@ -347,8 +374,14 @@ def _lower_output(b: _Builder, node: fx.Node, value) -> None:
     s_out = coarsest / 2**k
     m, t = quantize_multipliers(scale / s_out)
     out = TensorSpec("logits", "int32", spec.shape, INT32_MIN, INT32_MAX, [s_out])
-    b.emit("requantize", "logits", [value.tensor], out, {"lo": INT32_MIN, "hi": INT32_MAX},
-           {"m": m, "t": t})
+    b.emit(
+        "requantize",
+        "logits",
+        [value.tensor],
+        out,
+        {"lo": INT32_MIN, "hi": INT32_MAX},
+        {"m": m, "t": t},
+    )
     b.nodes.append(Node("output", "output", ["logits"], ""))
 
 

@@ -15,8 +15,10 @@ import numpy as np
 # each of these; verify() refuses anything else.
 OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "input": (("a", "b"), ("shift", "qmin", "qmax")),
-    "conv2d": (("weight", "bias"), ("stride", "padding", "dilation", "groups", "weight_bits",
-                                    "acc_bound")),
+    "conv2d": (
+        ("weight", "bias"),
+        ("stride", "padding", "dilation", "groups", "weight_bits", "acc_bound"),
+    ),
     "linear": (("weight", "bias"), ("weight_bits", "acc_bound")),
     "requantize": (("m", "t"), ("lo", "hi")),
     "add": ((), ("m_a", "m_b", "shift", "lo", "hi")),
@@ -42,13 +44,20 @@ class TensorSpec:
     scale: list[float] | None = None  # one value, or one per channel (dim 1); None for pixels
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
-                "qmin": self.qmin, "qmax": self.qmax, "scale": self.scale}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+            "scale": self.scale,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]), int(d["qmin"]), int(d["qmax"]),
-                   d["scale"])
+        return cls(
+            d["name"], d["dtype"], tuple(d["shape"]), int(d["qmin"]), int(d["qmax"]), d["scale"]
+        )
 
 
 @dataclass
@@ -63,8 +72,14 @@ class Node:
     params: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "name": self.name, "inputs": list(self.inputs),
-                "output": self.output, "attrs": self.attrs, "params": sorted(self.params)}
+        return {
+            "op": self.op,
+            "name": self.name,
+            "inputs": list(self.inputs),
+            "output": self.output,
+            "attrs": self.attrs,
+            "params": sorted(self.params),
+        }
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""verify(program): the checks between stages. Every error names the node, the op and what failed."""
+"""verify(program): the checks between stages. Errors name the node, the op and what failed."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _fail(node: Node, msg: str) -> None:
 
 
 def conv_acc_bound(weight_q: np.ndarray, bias_q: np.ndarray, input_absmax: int) -> np.ndarray:
-    """Per output channel: sum|w_q| * max|x_q| + |bias_q| (DESIGN section 4), as Python-int-safe int64."""
+    """Per output channel: sum|w_q| * max|x_q| + |bias_q| (DESIGN section 4), in int64."""
     w_abs = np.abs(weight_q.astype(np.int64)).reshape(weight_q.shape[0], -1).sum(axis=1)
     return w_abs * int(input_absmax) + np.abs(bias_q.astype(np.int64))
 
@@ -34,7 +34,9 @@ def verify(program: IntProgram) -> IntProgram:
         raise ProgramError("a program starts with an 'input' node and ends with an 'output' node")
     for spec in program.tensors.values():
         if spec.dtype not in TENSOR_DTYPES:
-            raise ProgramError(f"tensor '{spec.name}': dtype {spec.dtype!r} is not an integer dtype")
+            raise ProgramError(
+                f"tensor '{spec.name}': dtype {spec.dtype!r} is not an integer dtype"
+            )
         lo, hi = _DTYPE_RANGE[spec.dtype]
         if not lo <= spec.qmin <= spec.qmax <= hi:
             raise ProgramError(
@@ -84,7 +86,10 @@ def _check_input(program, node):
     x = _spec(program, node.inputs[0])
     if a.dtype != np.int64 or b.dtype != np.int64 or a.shape != b.shape or a.shape != (x.shape[0],):
         _fail(node, "a, b must be int64 with one value per input channel")
-    if out.dtype not in CODE_DTYPES or (out.qmin, out.qmax) != (node.attrs["qmin"], node.attrs["qmax"]):
+    if out.dtype not in CODE_DTYPES or (out.qmin, out.qmax) != (
+        node.attrs["qmin"],
+        node.attrs["qmax"],
+    ):
         _fail(node, "output must be 8-bit codes with the op's [qmin, qmax]")
     if not SHIFT_MIN <= t <= SHIFT_MAX:
         _fail(node, f"shift {t} outside [{SHIFT_MIN}, {SHIFT_MAX}]")
@@ -112,15 +117,21 @@ def _check_layer(program, node):
     if node.op == "conv2d":
         groups = node.attrs["groups"]
         if w.ndim != 4 or x.shape[0] != w.shape[1] * groups or w.shape[0] % groups:
-            _fail(node, f"weight {w.shape} does not match input channels {x.shape[0]}, groups {groups}")
+            _fail(
+                node,
+                f"weight {w.shape} does not match input channels {x.shape[0]}, groups {groups}",
+            )
     elif w.ndim != 2 or x.shape != (w.shape[1],):
         _fail(node, f"weight {w.shape} does not match input features {x.shape}")
     bound = int(conv_acc_bound(w, bias, _absmax(x)).max())
     if bound != node.attrs["acc_bound"]:
         _fail(node, f"recorded acc_bound {node.attrs['acc_bound']} != computed {bound}")
     if bound >= ACC_LIMIT:
-        _fail(node, f"int32 accumulator could overflow: |acc| <= {bound} >= 2^31 "
-                    f"(input range [{x.qmin}, {x.qmax}], {bits}-bit weights); lower the bits")
+        _fail(
+            node,
+            f"int32 accumulator could overflow: |acc| <= {bound} >= 2^31 "
+            f"(input range [{x.qmin}, {x.qmax}], {bits}-bit weights); lower the bits",
+        )
 
 
 def _check_requantize(program, node):
@@ -156,7 +167,9 @@ def _check_add(program, node):
     t = node.attrs["shift"]
     if not SHIFT_MIN <= t <= SHIFT_MAX:
         _fail(node, f"shift {t} outside [{SHIFT_MIN}, {SHIFT_MAX}]")
-    worst = _absmax(a) * abs(node.attrs["m_a"]) + _absmax(b) * abs(node.attrs["m_b"]) + (1 << (t - 1))
+    worst = (
+        _absmax(a) * abs(node.attrs["m_a"]) + _absmax(b) * abs(node.attrs["m_b"]) + (1 << (t - 1))
+    )
     if worst >= 1 << 63:
         _fail(node, f"a * m_a + b * m_b can reach {worst}, overflowing int64")
 

@@ -34,7 +34,9 @@ class Normalize(nn.Module):
         return (x / 255.0 - mean) / std
 
     def extra_repr(self) -> str:
-        return f"mean={tuple(round(v, 4) for v in self.mean.tolist())}, std={tuple(round(v, 4) for v in self.std.tolist())}"
+        mean = tuple(round(v, 4) for v in self.mean.tolist())
+        std = tuple(round(v, 4) for v in self.std.tolist())
+        return f"mean={mean}, std={std}"
 
 
 def default_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet for 32x32 images: 3x3 stem, no max-pool, stages of BasicBlocks, global average pool."""
+    """ResNet for 32x32 images: 3x3 stem, no max-pool, BasicBlock stages, global average pool."""
 
     def __init__(
         self,

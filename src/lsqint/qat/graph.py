@@ -125,5 +125,3 @@ def input_scale_of(scale: torch.Tensor) -> torch.Tensor:
     from ..quant import MIN_SCALE
 
     return scale.clamp(min=MIN_SCALE)
-
-

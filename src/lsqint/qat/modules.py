@@ -38,7 +38,9 @@ class QuantConv2d(nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         if conv.padding_mode != "zeros":
-            raise ValueError(f"conv padding_mode={conv.padding_mode!r} is not supported (zeros only)")
+            raise ValueError(
+                f"conv padding_mode={conv.padding_mode!r} is not supported (zeros only)"
+            )
         self.weight.data.copy_(conv.weight.data)
         if conv.bias is not None:
             self.bias.data.copy_(conv.bias.data)

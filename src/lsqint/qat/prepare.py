@@ -161,8 +161,12 @@ def insert_weight_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
             bits = config.first_last_bits
         bits = config.override_for(node.target, "weight_bits") or bits
         channels = layer.weight.shape[0]
-        quantizer = LSQQuantizer(bits, signed=True, per_channel=config.per_channel,
-                                 num_channels=channels if config.per_channel else 1)
+        quantizer = LSQQuantizer(
+            bits,
+            signed=True,
+            per_channel=config.per_channel,
+            num_channels=channels if config.per_channel else 1,
+        )
         quantizer.init_from_(layer.weight)
         quantizer.to(layer.weight.device)
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
@@ -214,7 +218,7 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
         gm.add_submodule(qname, quantizer)
         with gm.graph.inserting_after(end):
             qnode = gm.graph.call_module(qname, (end,))
-        end.replace_all_uses_with(qnode, delete_user_cb=lambda user: user is not qnode)
+        end.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
 
 
 def _non_negative(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:

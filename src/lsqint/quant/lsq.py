@@ -80,9 +80,13 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _open_bounds(qmin: int, qmax: int, dtype: torch.dtype) -> tuple[float, float]:
-    """The neighbours of qmin (below) and qmax (above) in ``dtype``: lo < v < hi <=> qmin <= v <= qmax."""
-    lo = torch.nextafter(torch.tensor(float(qmin), dtype=dtype), torch.tensor(-math.inf, dtype=dtype))
-    hi = torch.nextafter(torch.tensor(float(qmax), dtype=dtype), torch.tensor(math.inf, dtype=dtype))
+    """qmin's neighbour below and qmax's above in ``dtype``: lo < v < hi <=> qmin <= v <= qmax."""
+    lo = torch.nextafter(
+        torch.tensor(float(qmin), dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+    )
+    hi = torch.nextafter(
+        torch.tensor(float(qmax), dtype=dtype), torch.tensor(math.inf, dtype=dtype)
+    )
     return lo.item(), hi.item()
 
 

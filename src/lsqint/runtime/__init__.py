@@ -47,11 +47,14 @@ def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
     arr = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     expected = tuple(program.input_spec.shape)
     if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
-        raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), "
-                         f"got {tuple(arr.shape)}")
+        raise ValueError(
+            f"images must have shape (N, {', '.join(map(str, expected))}), got {tuple(arr.shape)}"
+        )
     if arr.dtype != np.uint8:
-        raise TypeError(f"images must be uint8 pixels, got {arr.dtype}; the integer program "
-                        "takes raw pixels (no normalization)")
+        raise TypeError(
+            f"images must be uint8 pixels, got {arr.dtype}; the integer program "
+            "takes raw pixels (no normalization)"
+        )
     return arr
 
 

@@ -42,8 +42,9 @@ def _g_float(x, M, C) -> np.ndarray:
     return np.floor(np.add(prod, C, dtype=dtype))
 
 
-def affine_step_plan(m: int, b: int, t: int, lo: int, hi: int, x_min: int, x_max: int,
-                     dtype=np.float32) -> tuple[np.floating, np.floating] | None:
+def affine_step_plan(
+    m: int, b: int, t: int, lo: int, hi: int, x_min: int, x_max: int, dtype=np.float32
+) -> tuple[np.floating, np.floating] | None:
     """(M, C) of ``dtype`` (float32 or float64) with g == f on [x_min, x_max], proven as in the
     module docstring, or None. float32 leaves too little room between the steps of 8-bit outputs
     (its rounding error near 128 is 2^-17 while steps can sit closer than that to a half), so
@@ -71,7 +72,7 @@ def affine_step_plan(m: int, b: int, t: int, lo: int, hi: int, x_min: int, x_max
         C = dtype((window_lo + window_hi) / 2)
     # The proof: every observable step of f is reproduced by g, and the ends agree after clamping.
     points = [x_min, x_max]
-    for k, T in thresholds:
+    for _, T in thresholds:
         points += [T - 1, T]
     xs = np.array([p for p in points if x_min <= p <= x_max], dtype=np.int64)
     exact = np.clip([_f_exact(int(x), m, b, t) for x in xs], lo, hi)
@@ -85,8 +86,16 @@ def affine_step_plan(m: int, b: int, t: int, lo: int, hi: int, x_min: int, x_max
     return M, C
 
 
-def add_plan(m_a: int, m_b: int, t: int, lo: int, hi: int, a_range: tuple[int, int],
-             b_range: tuple[int, int], dtype=np.float32) -> tuple | None:
+def add_plan(
+    m_a: int,
+    m_b: int,
+    t: int,
+    lo: int,
+    hi: int,
+    a_range: tuple[int, int],
+    b_range: tuple[int, int],
+    dtype=np.float32,
+) -> tuple | None:
     """(Ma, Mb, C) of ``dtype`` with clamp(floor(fl(fl(fl(a Ma) + fl(b Mb)) + C))) == the add op
     for every code pair in the ranges, checked exhaustively (at most 256 x 256 pairs), or None.
     In float64 it always holds: a * m_a and b * m_b are integers below 2^40 scaled by 2^-t, so

@@ -33,8 +33,9 @@ def _windows(x: np.ndarray, kernel, stride, dilation) -> np.ndarray:
     return win[:, :, :: stride[0], :: stride[1], ::dh, ::dw]
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride, padding, dilation,
-           groups: int) -> np.ndarray:
+def conv2d(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride, padding, dilation, groups: int
+) -> np.ndarray:
     """acc[n, o, i, j] = bias[o] + sum_{c,u,v} x_pad[n, c, i*s + u*d, j*s + v*d] * w[o, c, u, v]."""
     x = _pad(x.astype(np.int64), padding, 0)  # zero padding pads code 0
     w = weight.astype(np.int64)
@@ -96,21 +97,24 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         acc = pixels * _channel(p["a"], 4) + _channel(p["b"], 4)
         return np.clip(rounding_shift(acc, a["shift"]), a["qmin"], a["qmax"])
     if node.op == "conv2d":
-        return conv2d(inputs[0], p["weight"], p["bias"], a["stride"], a["padding"],
-                      a["dilation"], a["groups"])
+        return conv2d(
+            inputs[0], p["weight"], p["bias"], a["stride"], a["padding"], a["dilation"], a["groups"]
+        )
     if node.op == "linear":
         return linear(inputs[0], p["weight"], p["bias"])
     if node.op == "requantize":
         acc = inputs[0]
-        return requantize(acc, _channel(p["m"], acc.ndim), _channel(p["t"], acc.ndim),
-                          a["lo"], a["hi"])
+        return requantize(
+            acc, _channel(p["m"], acc.ndim), _channel(p["t"], acc.ndim), a["lo"], a["hi"]
+        )
     if node.op == "add":
         x_a, x_b = (v.astype(np.int64) for v in inputs)
         acc = x_a * np.int64(a["m_a"]) + x_b * np.int64(a["m_b"])
         return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
     if node.op == "maxpool2d":
-        return maxpool2d(inputs[0], a["kernel"], a["stride"], a["padding"], a["dilation"],
-                         a["ceil_mode"])
+        return maxpool2d(
+            inputs[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+        )
     if node.op == "avgpool2d":
         return avgpool2d_sum(inputs[0], a["kernel"], a["stride"], a["padding"])
     if node.op == "flatten":

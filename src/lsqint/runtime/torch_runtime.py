@@ -89,7 +89,12 @@ class CompiledProgram:
             weight = self._param(node, "weight", dtype)
             bias = self._param(node, "bias", dtype)
             if node.op == "conv2d":
-                stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+                stride, padding, dilation, groups = (
+                    a["stride"],
+                    a["padding"],
+                    a["dilation"],
+                    a["groups"],
+                )
 
                 def run_conv(x):
                     acc = F.conv2d(x.to(dtype), weight, bias, stride, padding, dilation, groups)
@@ -106,10 +111,12 @@ class CompiledProgram:
         if node.op == "add":
             return self._build_add(node)
         if node.op == "maxpool2d":
+
             def run_maxpool(x):
                 # Max over codes is exact in float; F.max_pool2d pads with -inf (never wins).
-                return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"],
-                                    a["ceil_mode"])
+                return F.max_pool2d(
+                    x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+                )
 
             return run_maxpool
         if node.op == "avgpool2d":
@@ -117,8 +124,14 @@ class CompiledProgram:
             self.paths[node.name] = str(dtype).replace("torch.", "")
 
             def run_avgpool(x):
-                total = F.avg_pool2d(x.to(dtype), a["kernel"], a["stride"], a["padding"],
-                                     count_include_pad=True, divisor_override=1)
+                total = F.avg_pool2d(
+                    x.to(dtype),
+                    a["kernel"],
+                    a["stride"],
+                    a["padding"],
+                    count_include_pad=True,
+                    divisor_override=1,
+                )
                 return _exact(total, dev)
 
             return run_avgpool
@@ -129,8 +142,10 @@ class CompiledProgram:
     def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
         """Per-channel (M, C) tensors and their dtype for the first float dtype proven exact."""
         for np_dtype, dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
-            plans = [affine_step_plan(int(m), int(b), int(t), lo, hi, x_min, x_max, np_dtype)
-                     for m, b, t in zip(ms, bs, ts, strict=True)]
+            plans = [
+                affine_step_plan(int(m), int(b), int(t), lo, hi, x_min, x_max, np_dtype)
+                for m, b, t in zip(ms, bs, ts, strict=True)
+            ]
             if all(p is not None for p in plans):
                 self.paths[node.name] = str(dtype).replace("torch.", "")
                 M = self._channel(np.array([p[0] for p in plans], np_dtype), ndim)

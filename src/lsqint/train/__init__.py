@@ -2,7 +2,17 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, init_distributed, shutdown_distributed
-from .loop import Trainer, TrainConfig, TrainingError, evaluate
+from .loop import TrainConfig, Trainer, TrainingError, evaluate
 
-__all__ = ["CheckpointError", "DistInfo", "TrainConfig", "Trainer", "TrainingError", "evaluate",
-           "init_distributed", "load_checkpoint", "save_checkpoint", "shutdown_distributed"]
+__all__ = [
+    "CheckpointError",
+    "DistInfo",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "evaluate",
+    "init_distributed",
+    "load_checkpoint",
+    "save_checkpoint",
+    "shutdown_distributed",
+]

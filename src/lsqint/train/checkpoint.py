@@ -41,16 +41,22 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one first (lsqint train) "
-                              "or pass the right path")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; train one first (lsqint train) "
+            "or pass the right path"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
-        raise CheckpointError(f"checkpoint {path} is unreadable or corrupted "
-                              f"({type(err).__name__}); use another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or corrupted "
+            f"({type(err).__name__}); use another checkpoint"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an lsqint checkpoint (foreign file); pass a checkpoint "
-                              "written by lsqint train/qat")
+        raise CheckpointError(
+            f"{path} is not an lsqint checkpoint (foreign file); pass a checkpoint "
+            "written by lsqint train/qat"
+        )
     return state
 
 
@@ -60,7 +66,8 @@ def check_compatible(meta: dict[str, Any], path, **expected) -> None:
         if value is not None and meta.get(key) != value:
             raise CheckpointError(
                 f"checkpoint {path} is for {key}={meta.get(key)!r}, not {value!r}; pass a "
-                f"checkpoint of the same {key} or change --{key.replace('_', '-')}")
+                f"checkpoint of the same {key} or change --{key.replace('_', '-')}"
+            )
 
 
 def rng_state() -> dict[str, Any]:

@@ -48,15 +48,18 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if not p.requires_grad:
             continue
         (no_decay if p.dim() <= 1 or name.endswith(".scale") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 def cosine_schedule(optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
 
 
 @torch.no_grad()
@@ -79,9 +82,16 @@ def evaluate(model: nn.Module, loader, device, amp: bool = False) -> dict[str, f
 class Trainer:
     """Trains ``model`` for cfg.epochs; checkpoints ``last.pt`` every epoch and ``best.pt``."""
 
-    def __init__(self, model: nn.Module, train_loader, val_loader, cfg: TrainConfig,
-                 device: torch.device, dist_info: DistInfo | None = None,
-                 on_best=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader,
+        val_loader,
+        cfg: TrainConfig,
+        device: torch.device,
+        dist_info: DistInfo | None = None,
+        on_best=None,
+    ) -> None:
         self.model = model
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = cfg
@@ -94,8 +104,11 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizer = make_optimizer(model, cfg)
-        steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(
-            len(train_loader), cfg.max_steps_per_epoch)
+        steps = (
+            len(train_loader)
+            if cfg.max_steps_per_epoch is None
+            else min(len(train_loader), cfg.max_steps_per_epoch)
+        )
         self.steps_per_epoch = steps
         self.scheduler = cosine_schedule(self.optimizer, cfg.epochs * steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -106,11 +119,18 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"meta": self.cfg.meta, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "loader": self.train_loader.state_dict(),
-                "epoch": self.epoch, "best_acc": self.best_acc, "rng": rng_state(),
-                "history": json.dumps(self.history)}
+        return {
+            "meta": self.cfg.meta,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "epoch": self.epoch,
+            "best_acc": self.best_acc,
+            "rng": rng_state(),
+            "history": json.dumps(self.history),
+        }
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -136,8 +156,10 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(self.cfg.log_dir)
-        self._print(f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} "
-                    f"{'val_loss':>9} {'val_acc':>8} {'best':>7} {'time_s':>7}")
+        self._print(
+            f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} "
+            f"{'val_loss':>9} {'val_acc':>8} {'best':>7} {'time_s':>7}"
+        )
         while self.epoch < self.cfg.epochs:
             start = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -146,16 +168,25 @@ class Trainer:
             self.epoch += 1
             improved = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])
-            row = {"epoch": self.epoch, "lr": lr, "train_loss": train["loss"],
-                   "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
-                   "best_acc": self.best_acc, "time_s": time.time() - start}
+            row = {
+                "epoch": self.epoch,
+                "lr": lr,
+                "train_loss": train["loss"],
+                "train_acc": train["acc"],
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "best_acc": self.best_acc,
+                "time_s": time.time() - start,
+            }
             self.history.append(row)
             if self.dist.is_main:
                 self._checkpoint(improved)
                 self._log(row)
-            self._print(f"{row['epoch']:>5d} {lr:>9.5f} {row['train_loss']:>10.4f} "
-                        f"{row['train_acc']:>9.4f} {row['val_loss']:>9.4f} {row['val_acc']:>8.4f} "
-                        f"{self.best_acc:>7.4f} {row['time_s']:>7.1f}")
+            self._print(
+                f"{row['epoch']:>5d} {lr:>9.5f} {row['train_loss']:>10.4f} "
+                f"{row['train_acc']:>9.4f} {row['val_loss']:>9.4f} {row['val_acc']:>8.4f} "
+                f"{self.best_acc:>7.4f} {row['time_s']:>7.1f}"
+            )
         if self.writer:
             self.writer.close()
         return {"best_acc": self.best_acc, "history": self.history}
@@ -164,9 +195,13 @@ class Trainer:
         self.net.train()
         loss_sum = correct = total = 0.0
         amp = self.cfg.amp and self.device.type == "cuda"
-        bar = tqdm(self.train_loader, total=self.steps_per_epoch, leave=False,
-                   disable=not (self.cfg.progress and self.dist.is_main),
-                   desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}")
+        bar = tqdm(
+            self.train_loader,
+            total=self.steps_per_epoch,
+            leave=False,
+            disable=not (self.cfg.progress and self.dist.is_main),
+            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+        )
         for step, (images, labels) in enumerate(bar):
             if step >= self.steps_per_epoch:
                 break
@@ -177,7 +212,8 @@ class Trainer:
                 raise TrainingError(
                     f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
                     f"lower --lr (now {self.cfg.lr}) or check the data. Checkpoints in "
-                    f"{self.out} are untouched")
+                    f"{self.out} are untouched"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -200,8 +236,11 @@ class Trainer:
                 self.on_best(self.model, self.out, self.cfg.meta)
         metrics = self.out / "metrics.json"
         tmp = metrics.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": self.cfg.meta, "best_acc": self.best_acc,
-                                   "epochs": self.history}, indent=2))
+        tmp.write_text(
+            json.dumps(
+                {"meta": self.cfg.meta, "best_acc": self.best_acc, "epochs": self.history}, indent=2
+            )
+        )
         os.replace(tmp, metrics)
 
     def _log(self, row: dict[str, Any]) -> None:
