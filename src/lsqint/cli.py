@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--json", default=None, help="also write the results here")
 
+    p = sub.add_parser("export", help="integer program -> ONNX")
+    p.add_argument("--program", required=True, help="integer program file (.safetensors)")
+    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument(
+        "--format",
+        choices=("int", "qdq"),
+        default="int",
+        help="int: integer operators only, bit-exact in ONNX Runtime (default); "
+        "qdq: QuantizeLinear/DequantizeLinear around float ops (8-bit programs)",
+    )
+
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
     p.add_argument("--json", default=None, help="write the table as JSON rows")
     p.add_argument("--out", default=None, help="keep checkpoints and programs here")
@@ -157,6 +168,17 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .infer import infer
 
         return infer(_run_args(ns), ns.program, ns.checkpoint, ns.runtime, ns.limit, ns.json)
+    if ns.command == "export":
+        from .intprog.artifact import load
+
+        program = load(ns.program)
+        if ns.format == "int":
+            from .export.onnx_int import export_onnx
+        else:
+            from .export.onnx_qdq import export_onnx
+        size = export_onnx(program, ns.onnx)
+        print(f"wrote {ns.onnx} ({size} bytes, {ns.format} format)")
+        return 0
     if ns.command == "demo":
         from .demo import demo
 

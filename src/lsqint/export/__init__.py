@@ -1,0 +1,1 @@
+"""Exporters: an IntProgram -> other formats (ONNX, integer operators only)."""

@@ -1,0 +1,325 @@
+"""Integer-only ONNX export of an IntProgram; ONNX Runtime reproduces the reference bit for bit.
+
+Every op maps to integer ONNX operators; no float tensor exists between the uint8 input and the
+int32 logits:
+
+    codes         int8 / uint8 tensors (sub-8-bit codes in 8-bit containers)
+    conv2d        Pad(zero point) -> ConvInteger(uint8, uint8, zero points 128) -> + bias (int32)
+    linear        MatMulInteger(uint8, uint8, zero points) -> + bias (int32)
+    requantize    int64: acc * m + 2^(t-1), then an exact floor shift (below), Clip, Cast
+    add           int64: a * m_a + b * m_b + 2^(t-1), floor shift, Clip, Cast
+    input         int64: p * a_c + b_c + 2^(t-1), floor shift, Clip, Cast
+    maxpool2d     MaxPool on int8/uint8 codes (padding never wins)
+    avgpool2d     window sum: ReduceSum (global) or a depthwise ConvInteger with a ones kernel
+    flatten       Flatten
+
+Signed codes enter ConvInteger/MatMulInteger as ``code + 128`` (uint8) with zero point 128, so
+``(x_u - 128) * (w_u - 128) == x_q * w_q`` exactly; ONNX Runtime implements these kernels for
+uint8 x uint8 on every CPU.
+
+Floor shift. ONNX's BitShift takes unsigned types only (a logical shift), and integer Div
+truncates toward zero; neither is floor division of a negative int64. With the accumulator bound
+B that verify() recorded, ``v = acc * m + 2^(t-1) + K * 2^t`` with ``K = ceil(B * max(m) / 2^t) + 1``
+is positive and below 2^63, so ``floor(v / 2^t) = (uint64(v) >> t)`` and the result is that minus K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..intprog.program import IntProgram, Node
+
+OPSET = 17
+
+
+class ExportError(ValueError):
+    """A program this exporter cannot express."""
+
+
+def _require_onnx():
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        raise ExportError(
+            "ONNX export needs the onnx package: pip install 'lsqint[onnx]'"
+        ) from None
+    return onnx, TensorProto, helper, numpy_helper
+
+
+class _Graph:
+    def __init__(self, program: IntProgram):
+        self.onnx, self.TP, self.helper, self.numpy_helper = _require_onnx()
+        self.program = program
+        self.nodes = []
+        self.inits = []
+        self.count = 0
+        self.bounds: dict[str, int] = {}  # tensor name -> |value| bound (for the floor shift)
+
+    def t(self, tensor: str) -> str:
+        """The ONNX name of a program tensor (prefixed, so it never clashes with 'logits')."""
+        return "input" if tensor == "input" else f"v_{tensor}"
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}__{self.count}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(
+        self, op_type: str, inputs: list[str], hint: str, output: str | None = None, **attrs
+    ) -> str:
+        out = output or self.name(hint)
+        self.nodes.append(
+            self.helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs)
+        )
+        return out
+
+    def cast(self, x: str, to: str, output: str | None = None) -> str:
+        return self.op("Cast", [x], "cast", output, to=getattr(self.TP, to.upper()))
+
+    # -- building blocks ------------------------------------------------------------------------
+    def to_uint8_with_zero_point(self, x: str, dtype: str) -> tuple[str, str]:
+        """Codes -> (uint8 tensor, its zero point): signed codes are shifted by 128."""
+        if dtype == "uint8":
+            return x, self.const(np.array(0, np.uint8), "zp0")
+        shifted = self.op(
+            "Add", [self.cast(x, "int16"), self.const(np.array(128, np.int16), "c128")], "shift"
+        )
+        return self.cast(shifted, "uint8"), self.const(np.array(128, np.uint8), "zp128")
+
+    def floor_shift(
+        self, value: str, t: np.ndarray, bound: int, m_max: int, channel_shape, lo: int, hi: int
+    ) -> str:
+        """clamp(floor(value / 2^t), lo, hi) for int64 ``value`` with |value| <= bound * m_max +
+        2^(t-1): the offset trick in the module docstring."""
+        t = np.asarray(t, np.int64)
+        k = (int(bound) * int(m_max) + (1 << int(t.min()))) // (1 << int(t.min())) + 1
+        if (2 * k + 2) * (1 << int(t.max())) >= 1 << 63:
+            raise ExportError(f"floor shift offset overflows int64 (bound {bound}, m {m_max})")
+        offset = (np.int64(k) << t).reshape(channel_shape)
+        positive = self.op("Add", [value, self.const(offset, "offset")], "pos")
+        shifted = self.op(
+            "BitShift",
+            [
+                self.cast(positive, "uint64"),
+                self.const(t.astype(np.uint64).reshape(channel_shape), "t"),
+            ],
+            "shr",
+            direction="RIGHT",
+        )
+        result = self.op(
+            "Sub", [self.cast(shifted, "int64"), self.const(np.array(k, np.int64), "k")], "unoffset"
+        )
+        return self.op(
+            "Clip",
+            [
+                result,
+                self.const(np.array(lo, np.int64), "lo"),
+                self.const(np.array(hi, np.int64), "hi"),
+            ],
+            "clip",
+        )
+
+
+def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
+    return (1, channels, *([1] * (ndim - 2))) if channels > 1 else ()
+
+
+def _lower(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors.get(node.output)
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    if node.op == "input":
+        t = a["shift"]
+        ca, cb = node.params["a"], node.params["b"]
+        cs = (1, len(ca), 1, 1)
+        acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "pa")
+        acc = g.op("Add", [acc, g.const((cb + (1 << (t - 1))).reshape(cs), "b")], "pab")
+        bound = 255 * int(np.abs(ca).max()) + int(np.abs(cb).max()) + (1 << (t - 1))
+        y = g.floor_shift(acc, np.array([t]), bound, 1, (), a["qmin"], a["qmax"])
+        g.cast(y, spec.dtype, out)
+    elif node.op in ("conv2d", "linear"):
+        xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
+        wu = (node.params["weight"].astype(np.int16) + 128).astype(np.uint8)
+        wz = g.const(np.array(128, np.uint8), "wz")
+        bias = node.params["bias"].astype(np.int32)
+        if node.op == "conv2d":
+            ph, pw = a["padding"]
+            if ph or pw:
+                pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
+                xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
+            kh, kw = node.params["weight"].shape[2:]
+            acc = g.op(
+                "ConvInteger",
+                [xu, g.const(wu, "w"), xz, wz],
+                "conv",
+                strides=a["stride"],
+                dilations=a["dilation"],
+                group=a["groups"],
+                kernel_shape=[kh, kw],
+            )
+            bias = bias.reshape(1, -1, 1, 1)
+        else:
+            acc = g.op(
+                "MatMulInteger", [xu, g.const(np.ascontiguousarray(wu.T), "w"), xz, wz], "matmul"
+            )
+            bias = bias.reshape(1, -1)
+        g.op("Add", [acc, g.const(bias, "bias")], "acc", out)
+        g.bounds[node.output] = int(a["acc_bound"])
+    elif node.op == "requantize":
+        m, t = node.params["m"], node.params["t"]
+        ndim = len(p.tensors[x_name].shape) + 1
+        cs = _channel_shape(ndim, len(m))
+        v = g.op(
+            "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
+        )
+        v = g.op(
+            "Add",
+            [
+                v,
+                g.const(
+                    (np.int64(1) << (t - 1)).reshape(cs)
+                    if cs
+                    else np.array(1 << (int(t[0]) - 1), np.int64),
+                    "half",
+                ),
+            ],
+            "amh",
+        )
+        y = g.floor_shift(v, t, g.bounds[x_name], int(m.max()), cs, a["lo"], a["hi"])
+        g.cast(y, spec.dtype, out)
+    elif node.op == "add":
+        t = a["shift"]
+        va = g.op(
+            "Mul",
+            [g.cast(g.t(node.inputs[0]), "int64"), g.const(np.array(a["m_a"], np.int64), "ma")],
+            "ama",
+        )
+        vb = g.op(
+            "Mul",
+            [g.cast(g.t(node.inputs[1]), "int64"), g.const(np.array(a["m_b"], np.int64), "mb")],
+            "bmb",
+        )
+        v = g.op(
+            "Add",
+            [g.op("Add", [va, vb], "sum"), g.const(np.array(1 << (t - 1), np.int64), "half")],
+            "sumh",
+        )
+        bound = 255 * (abs(a["m_a"]) + abs(a["m_b"]))
+        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"])
+        g.cast(y, spec.dtype, out)
+    elif node.op == "maxpool2d":
+        ph, pw = a["padding"]
+        g.op(
+            "MaxPool",
+            [x],
+            "maxpool",
+            out,
+            kernel_shape=a["kernel"],
+            strides=a["stride"],
+            pads=[ph, pw, ph, pw],
+            dilations=a["dilation"],
+            ceil_mode=int(a["ceil_mode"]),
+        )
+    elif node.op == "avgpool2d":
+        in_shape = p.tensors[x_name].shape
+        kernel, stride, (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        if list(kernel) == list(in_shape[1:]) and not (ph or pw):
+            g.op(
+                "ReduceSum",
+                [g.cast(x, "int32"), g.const(np.array([2, 3], np.int64), "axes")],
+                "sum",
+                out,
+                keepdims=1,
+            )
+        else:
+            xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
+            if ph or pw:
+                pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
+                xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
+            channels = in_shape[0]
+            ones = np.ones((channels, 1, *kernel), np.uint8)
+            g.op(
+                "ConvInteger",
+                [xu, g.const(ones, "ones"), xz, g.const(np.array(0, np.uint8), "zp0")],
+                "poolsum",
+                out,
+                strides=stride,
+                group=channels,
+                kernel_shape=kernel,
+            )
+        g.bounds[node.output] = int(a["acc_bound"])
+    elif node.op == "flatten":
+        g.op("Flatten", [x], "flatten", out, axis=1)
+    else:
+        raise ExportError(f"node '{node.name}' ({node.op}): no integer ONNX lowering")
+
+
+def to_onnx_model(program: IntProgram):
+    """The program as an onnx.ModelProto (checked with onnx.checker)."""
+    g = _Graph(program)
+    for node in program.nodes:
+        if node.op == "output":
+            g.cast(g.t(node.inputs[0]), "int32", "logits")
+            continue
+        _lower(g, node)
+    onnx, TP, helper = g.onnx, g.TP, g.helper
+    c, h, w = program.input_spec.shape
+    classes = program.num_classes()
+    graph = helper.make_graph(
+        g.nodes,
+        "lsqint_intprogram",
+        [helper.make_tensor_value_info("input", TP.UINT8, ["N", c, h, w])],
+        [helper.make_tensor_value_info("logits", TP.INT32, ["N", classes])],
+        initializer=g.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lsqint"
+    )
+    model.ir_version = min(model.ir_version, 9)  # readable by ONNX Runtime releases since 1.16
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_onnx(program: IntProgram, path) -> int:
+    """Write the integer-only ONNX model; returns the file size in bytes."""
+    import os
+    from pathlib import Path
+
+    model = to_onnx_model(program)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+class OnnxSession:
+    """An ONNX Runtime session (CPU) for a program, reusable across batches."""
+
+    def __init__(self, program: IntProgram):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover
+            raise ExportError(
+                "the onnx runtime needs onnxruntime: pip install 'lsqint[onnx]'"
+            ) from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            to_onnx_model(program).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"input": np.ascontiguousarray(images)})[0]
+
+
+def run_onnx(program: IntProgram, images: np.ndarray) -> np.ndarray:
+    return OnnxSession(program)(images)

@@ -1,0 +1,67 @@
+"""ONNX export: ONNX Runtime returns the reference runtime's integers (==); no float anywhere."""
+
+import numpy as np
+import pytest
+from conftest import assert_runtimes_agree, random_qat_program
+
+from lsqint import QuantConfig, load
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from lsqint.export.onnx_int import export_onnx, to_onnx_model  # noqa: E402
+
+pytestmark = pytest.mark.onnx
+
+INTEGER_TYPES = {
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT64,
+}
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tiny_vgg", "digits_cnn"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_onnx_runtime_equals_reference(name, bits, per_channel):
+    config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
+    _, program, images = random_qat_program(name, config, seed=bits + 11, batch=3)
+    fresh = np.random.default_rng(bits).integers(0, 256, images.shape, dtype=np.uint8)
+    assert_runtimes_agree(program, images.numpy(), runtimes=("onnx",))
+    assert_runtimes_agree(program, fresh, runtimes=("onnx",))
+
+
+def test_no_float_tensor_between_input_and_output():
+    _, program, _ = random_qat_program("resnet20", QuantConfig(), seed=0)
+    model = onnx.shape_inference.infer_shapes(to_onnx_model(program), strict_mode=True)
+    graph = model.graph
+    types = [v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)]
+    types += [init.data_type for init in graph.initializer]
+    assert len(types) > 100
+    assert set(types) <= INTEGER_TYPES
+    ops = {n.op_type for n in graph.node}
+    assert {"ConvInteger", "MatMulInteger", "BitShift"} <= ops
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+
+
+def test_digits_program_exports_and_runs_exactly(tmp_path, digits_runs):
+    import lsqint
+
+    program = load(digits_runs["qat"]["program"])
+    path = tmp_path / "digits.onnx"
+    assert export_onnx(program, path) == path.stat().st_size
+    onnx.checker.check_model(str(path), full_check=True)
+    images = lsqint.data.load_data("digits").val.images.numpy()
+    assert_runtimes_agree(program, images, runtimes=("torch", "onnx"))
+
+
+def test_export_cli_writes_a_checked_model(tmp_path, digits_runs):
+    from lsqint.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--program", digits_runs["qat"]["program"], "--onnx", str(out)]) == 0
+    onnx.checker.check_model(str(out))
