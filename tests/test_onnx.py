@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import assert_runtimes_agree, random_qat_program
 
+from conftest import assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig, load
 
 onnx = pytest.importorskip("onnx")

@@ -19,8 +19,9 @@ uint8 x uint8 on every CPU.
 
 Floor shift. ONNX's BitShift takes unsigned types only (a logical shift), and integer Div
 truncates toward zero; neither is floor division of a negative int64. With the accumulator bound
-B that verify() recorded, ``v = acc * m + 2^(t-1) + K * 2^t`` with ``K = ceil(B * max(m) / 2^t) + 1``
-is positive and below 2^63, so ``floor(v / 2^t) = (uint64(v) >> t)`` and the result is that minus K.
+B that verify() recorded, ``v = acc * m + 2^(t-1) + K * 2^t`` with
+``K = ceil(B * max(m) / 2^t) + 1`` is positive and below 2^63, so
+``floor(v / 2^t) = (uint64(v) >> t)`` and the result is that minus K.
 """
 
 from __future__ import annotations
