@@ -71,4 +71,11 @@ def digits_runs(tmp_path_factory):
     )
     float_result = train_float(RunArgs(epochs=25, lr=0.05, **base))
     qat_result = train_qat(RunArgs(epochs=10, lr=0.01, w_num_bits=4, a_num_bits=4, **base))
-    return {"root": root, "float": float_result, "qat": qat_result, "base": base}
+    qat8_result = train_qat(RunArgs(epochs=5, lr=0.01, w_num_bits=8, a_num_bits=8, **base))
+    return {
+        "root": root,
+        "float": float_result,
+        "qat": qat_result,
+        "qat8": qat8_result,
+        "base": base,
+    }

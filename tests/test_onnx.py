@@ -65,3 +65,30 @@ def test_export_cli_writes_a_checked_model(tmp_path, digits_runs):
     out = tmp_path / "m.onnx"
     assert main(["export", "--program", digits_runs["qat"]["program"], "--onnx", str(out)]) == 0
     onnx.checker.check_model(str(out))
+
+
+def test_qdq_export_of_w8a8_digits_tracks_the_integer_program(tmp_path, digits_runs):
+    import lsqint
+    from lsqint.export.onnx_qdq import export_onnx as export_qdq
+    from lsqint.export.onnx_qdq import run_qdq
+
+    program = load(digits_runs["qat8"]["program"])
+    data = lsqint.data.load_data("digits")
+    images, labels = data.val.images.numpy(), data.val.labels.numpy()
+    int_acc = (lsqint.run(program, images).argmax(1) == labels).mean()
+    qdq_acc = (run_qdq(program, images).argmax(1) == labels).mean()
+    assert int_acc > 0.9
+    assert abs(qdq_acc - int_acc) <= 0.001  # within 0.1 points
+    path = tmp_path / "qdq.onnx"
+    export_qdq(program, path)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+
+
+def test_qdq_export_refuses_sub_8_bit_programs(digits_runs):
+    from lsqint.export.onnx_int import ExportError
+    from lsqint.export.onnx_qdq import to_qdq_model
+
+    with pytest.raises(ExportError, match="needs an 8-bit program"):
+        to_qdq_model(load(digits_runs["qat"]["program"]))

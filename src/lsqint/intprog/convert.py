@@ -169,7 +169,9 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
         elif kind == "flatten":
             x = _codes(gm, node, args[0])
             spec = b.tensors[x.tensor]
-            out = TensorSpec(node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale])
+            out = TensorSpec(
+                node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale], spec.bits
+            )
             values[node] = Codes(b.emit("flatten", node.name, [x.tensor], out), x.scale)
         elif kind in ("dropout", "identity"):
             values[node] = args[0]
@@ -198,7 +200,7 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         # Same float32 arithmetic as the fake-quant model: round(6 / s) (round is monotonic).
         six_code = int(torch.round(torch.tensor(6.0) / q.effective_scale().detach().float()))
         hi = min(hi, six_code)
-    out = TensorSpec(node.name, _code_dtype(qmin), b.shape(node), lo, hi, [s_out])
+    out = TensorSpec(node.name, _code_dtype(qmin), b.shape(node), lo, hi, [s_out], int(q.bits))
     if isinstance(src, Normalized):
         t = input_shift(src.std, s_out)
         ab = [input_affine(mu, sd, s_out, t) for mu, sd in zip(src.mean, src.std, strict=True)]
@@ -293,7 +295,9 @@ def _lower_maxpool(b: _Builder, node: fx.Node, x: Codes) -> Codes:
         kernel, stride, padding = a["kernel_size"], a["stride"] or a["kernel_size"], a["padding"]
         dilation, ceil = a["dilation"], a["ceil_mode"]
     spec = b.tensors[x.tensor]
-    out = TensorSpec(node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale])
+    out = TensorSpec(
+        node.name, spec.dtype, b.shape(node), spec.qmin, spec.qmax, [x.scale], spec.bits
+    )
     attrs = {
         "kernel": _pair(kernel),
         "stride": _pair(stride),

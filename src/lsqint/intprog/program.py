@@ -42,6 +42,7 @@ class TensorSpec:
     qmin: int
     qmax: int
     scale: list[float] | None = None  # one value, or one per channel (dim 1); None for pixels
+    bits: int | None = None  # codes: the quantizer's bit width (qmin/qmax may be tighter: ReLU6)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,12 +52,19 @@ class TensorSpec:
             "qmin": self.qmin,
             "qmax": self.qmax,
             "scale": self.scale,
+            "bits": self.bits,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
         return cls(
-            d["name"], d["dtype"], tuple(d["shape"]), int(d["qmin"]), int(d["qmax"]), d["scale"]
+            d["name"],
+            d["dtype"],
+            tuple(d["shape"]),
+            int(d["qmin"]),
+            int(d["qmax"]),
+            d["scale"],
+            d.get("bits"),
         )
 
 
