@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--json", default=None, help="also write the results here")
 
+    p = sub.add_parser("sweep", help="float baseline + QAT at several W/A pairs, one report")
+    _common(p, lr=0.1, epochs=0)
+    p.add_argument("--pairs", default="8,8 4,4 3,3 2,2 4,6 6,4", help="W,A pairs")
+    p.add_argument("--float-epochs", type=int, default=200)
+    p.add_argument("--qat-epochs", type=int, default=60)
+    p.add_argument("--qat-lr", type=float, default=0.01)
+    p.add_argument("--float-init", default=None, help="use this float checkpoint as the baseline")
+    p.add_argument("--out", default="sweep", help="folder for runs, sweep.json/.md/.png")
+    p.add_argument("--runtime", default="torch", help="runtime for the integer top-1")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    p.add_argument(
+        "--first-last-bits", type=lambda s: None if s.lower() == "none" else int(s), default=8
+    )
+
     p = sub.add_parser("export", help="integer program -> ONNX")
     p.add_argument("--program", required=True, help="integer program file (.safetensors)")
     p.add_argument("--onnx", required=True, help="output .onnx path")
@@ -168,6 +184,21 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .infer import infer
 
         return infer(_run_args(ns), ns.program, ns.checkpoint, ns.runtime, ns.limit, ns.json)
+    if ns.command == "sweep":
+        from .sweep import parse_pairs, sweep
+
+        sweep(
+            _run_args(ns),
+            parse_pairs(ns.pairs),
+            ns.float_epochs,
+            ns.qat_epochs,
+            ns.lr,
+            ns.qat_lr,
+            Path(ns.out),
+            ns.float_init,
+            ns.runtime,
+        )
+        return 0
     if ns.command == "export":
         from .intprog.artifact import load
 

@@ -1,0 +1,203 @@
+"""`lsqint sweep`: one model and dataset, a float baseline and QAT at a list of W/A pairs; for each:
+float, fake-quant and integer top-1, label agreement, artifact size. Writes JSON, a Markdown table
+and a PNG plot. Resumable: a pair whose row is in the JSON is not redone, and an interrupted pair
+resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .data import load_data
+from .intprog.artifact import load
+from .train import load_checkpoint
+from .workflow import (
+    RunArgs,
+    artifact_sizes,
+    build_float_model,
+    compare,
+    default_float_checkpoint,
+    fakequant_predictions,
+    images_and_labels,
+    load_qat_model,
+    qat_dir_name,
+    run_dir,
+    train_float,
+    train_qat,
+)
+
+DEFAULT_PAIRS = "8,8 4,4 3,3 2,2 4,6 6,4"
+
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.replace(";", " ").split():
+        try:
+            w, a = (int(v) for v in item.split(","))
+        except ValueError:
+            raise ValueError(f"bad W,A pair {item!r}; write pairs like '8,8 4,4 2,2'") from None
+        pairs.append((w, a))
+    return pairs
+
+
+def _float_accuracy(checkpoint: Path, images, labels) -> float:
+    state = load_checkpoint(checkpoint)
+    model = build_float_model(state["meta"])
+    model.load_state_dict(state["model"])
+    return float((fakequant_predictions(model, images) == labels.numpy()).mean())
+
+
+def sweep(
+    args: RunArgs,
+    pairs: list[tuple[int, int]],
+    float_epochs: int,
+    qat_epochs: int,
+    float_lr: float,
+    qat_lr: float,
+    out: Path,
+    float_checkpoint: str | None = None,
+    runtime: str = "torch",
+) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "sweep.json"
+    state = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    rows: dict[str, dict] = {r["pair"]: r for r in state.get("rows", [])}
+    base = replace(args, log_dir=str(out / "runs"))
+    ckpt = Path(float_checkpoint) if float_checkpoint else default_float_checkpoint(base)
+    if not ckpt.is_file():
+        resume = (ckpt.parent / "last.pt").is_file()
+        print(f"[sweep] float baseline: {float_epochs} epochs" + (" (resuming)" if resume else ""))
+        started = time.time()
+        train_float(replace(base, epochs=float_epochs, lr=float_lr, resume=resume))
+        state["float_train_s"] = time.time() - started
+    data = load_data(args.dataset, args.data_root, args.image_size)
+    images, labels = images_and_labels(data.val)
+    float_acc = _float_accuracy(ckpt, images, labels)
+    for w_bits, a_bits in pairs:
+        key = f"W{w_bits}A{a_bits}"
+        if key in rows:
+            print(f"[sweep] {key}: done earlier, kept")
+            continue
+        qat_dir = run_dir(base.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
+        resume = (qat_dir / "last.pt").is_file()
+        print(f"[sweep] {key}: QAT {qat_epochs} epochs" + (" (resuming)" if resume else ""))
+        started = time.time()
+        result = train_qat(
+            replace(
+                base,
+                epochs=qat_epochs,
+                lr=qat_lr,
+                w_num_bits=w_bits,
+                a_num_bits=a_bits,
+                init=str(ckpt),
+                resume=resume,
+            )
+        )
+        train_s = time.time() - started
+        program_path = Path(result["program"])
+        program = load(program_path)
+        qat_model, _ = load_qat_model(result["checkpoint"])
+        cmp = compare(program, qat_model, images, labels, runtime)
+        rows[key] = {
+            "pair": key,
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "float_acc": float_acc,
+            "fakequant_acc": cmp["fakequant_acc"],
+            "int_acc": cmp["int_acc"],
+            "agreement": cmp["agreement"],
+            "flips": cmp["flips"],
+            "qat_epochs": qat_epochs,
+            "qat_train_s": train_s,
+            **artifact_sizes(program, program_path),
+        }
+        state.update(
+            model=args.model,
+            dataset=args.dataset,
+            images=len(labels),
+            float_checkpoint=str(ckpt),
+            rows=list(rows.values()),
+        )
+        _write(results_path, state)  # after every pair: an interruption loses at most one
+    ordered = [rows[f"W{w}A{a}"] for w, a in pairs if f"W{w}A{a}" in rows]
+    state.update(
+        model=args.model,
+        dataset=args.dataset,
+        images=len(labels),
+        float_checkpoint=str(ckpt),
+        float_acc=float_acc,
+        rows=ordered,
+    )
+    _write(results_path, state)
+    (out / "sweep.md").write_text(markdown_table(ordered, args.model, args.dataset, len(labels)))
+    plot(ordered, out / "sweep.png", f"{args.model} on {args.dataset}")
+    print(markdown_table(ordered, args.model, args.dataset, len(labels)))
+    return ordered
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def markdown_table(rows, model: str, dataset: str, images: int) -> str:
+    lines = [
+        f"{model} on {dataset} ({images} held-out images); top-1 in %",
+        "",
+        "| W/A | float | fake-quant | integer | int - float | agreement | artifact | float32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| W{r['w_bits']}A{r['a_bits']} | {100 * r['float_acc']:.2f} | "
+            f"{100 * r['fakequant_acc']:.2f} | {100 * r['int_acc']:.2f} | "
+            f"{100 * (r['int_acc'] - r['float_acc']):+.2f} | {100 * r['agreement']:.2f} | "
+            f"{r['artifact_bytes'] / 1024:.0f} KiB | {r['float_bytes'] / 1024:.0f} KiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path, title: str) -> None:
+    """Accuracy vs bit pair, and accuracy vs artifact size, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["pair"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = range(len(rows))
+    series = {"float": "float_acc", "fake-quant": "fakequant_acc", "integer": "int_acc"}
+    for (name, key), style in zip(series.items(), ("k--", "o-", "s:"), strict=True):
+        ax1.plot(x, [100 * r[key] for r in rows], style, label=name)
+    ax1.set_xticks(list(x), labels)
+    ax1.set_xlabel("weight / activation bits")
+    ax1.set_ylabel("top-1 (%)")
+    ax1.set_title(title)
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    sizes = [r["artifact_bytes"] / 1024 for r in rows]
+    ax2.scatter(sizes, [100 * r["int_acc"] for r in rows], label="integer program")
+    for size, r in zip(sizes, rows, strict=True):
+        ax2.annotate(
+            r["pair"], (size, 100 * r["int_acc"]), textcoords="offset points", xytext=(4, 4)
+        )
+    if rows:
+        ax2.axhline(100 * rows[0]["float_acc"], color="k", linestyle="--", label="float")
+        ax2.axvline(
+            rows[0]["float_bytes"] / 1024, color="gray", linestyle=":", label="float32 weights"
+        )
+    ax2.set_xscale("log")
+    ax2.set_xlabel("artifact size (KiB, log)")
+    ax2.set_ylabel("integer top-1 (%)")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(
+        path, dpi=110, metadata={"Title": title, "Description": "series: " + ", ".join(series)}
+    )
+    plt.close(fig)
