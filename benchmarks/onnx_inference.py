@@ -61,7 +61,8 @@ def main() -> None:
     rows = []
     print(f"{args.model}, batch {args.batch}, cpu, ONNX Runtime {ort.__version__}")
     print(
-        f"{'bits':<6} {'ort-float32':>12} {'ort-int':>9} {'ratio':>7} {'torch-int':>10} {'ratio':>7}"
+        f"{'bits':<6} {'ort-float32':>12} {'ort-int':>9} {'ratio':>7} "
+        f"{'torch-int':>10} {'ratio':>7}"
     )
     for bits in (4, 8):
         qat = lsqint.prepare_qat(
@@ -93,7 +94,8 @@ def main() -> None:
             }
         )
         print(
-            f"W{bits}A{bits:<4} {base:>12.0f} {ips['ort-int']:>9.0f} {ips['ort-int'] / base:>6.2f}x "
+            f"W{bits}A{bits:<4} {base:>12.0f} {ips['ort-int']:>9.0f} "
+            f"{ips['ort-int'] / base:>6.2f}x "
             f"{ips['torch-int']:>10.0f} {ips['torch-int'] / base:>6.2f}x"
         )
     write_json(
