@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-last-bits", type=lambda s: None if s.lower() == "none" else int(s), default=8
     )
 
+    p = sub.add_parser("bench", help="speed ratios side by side in one run, as JSON")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime comparison")
+    p.add_argument("--json", default="bench_results/bench.json")
+
     p = sub.add_parser("export", help="integer program -> ONNX")
     p.add_argument("--program", required=True, help="integer program file (.safetensors)")
     p.add_argument("--onnx", required=True, help="output .onnx path")
@@ -198,6 +205,20 @@ def _dispatch(ns: argparse.Namespace) -> int:
             ns.float_init,
             ns.runtime,
         )
+        return 0
+    if ns.command == "bench":
+        import json
+
+        from .bench import bench_all, format_rows
+
+        result = bench_all(ns.model, ns.device, ns.rounds, ns.no_onnx)
+        for key in ("qat_overhead", "int_inference", "onnx_inference"):
+            if key in result:
+                print(f"\n{key} ({ns.model}, {ns.device})")
+                print(format_rows(result[key]))
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {ns.json}")
         return 0
     if ns.command == "export":
         from .intprog.artifact import load

@@ -1,0 +1,320 @@
+"""Speed ratios measured side by side in one run (DESIGN section 10), for `lsqint bench` and the
+scripts in benchmarks/.
+
+    qat_overhead     training step time: lsqint QAT and PyTorch's LSQ peer, each / float
+    int_inference    images/s: torch integer runtime and the reference, each / float32 eager
+    onnx_inference   images/s: ONNX Runtime on the integer export and torch-int, each / ORT float32
+
+Every function returns rows of plain numbers; timings are medians of round-robin rounds so that
+machine noise hits every variant alike. Models get random weights with randomized BatchNorm
+statistics and activation step sizes calibrated on random pixels: speed does not depend on
+training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .intprog import convert
+from .models import create_model
+from .qat import QuantConfig, calibrate_, prepare_qat
+from .runtime import CompiledProgram, run_reference
+
+
+def evidence(command: str) -> dict:
+    """What a result needs to be trusted later: command, commit, machine, versions."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {
+        "command": command,
+        "commit": commit or "unknown",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def interleaved_timings(fns: dict, rounds: int, repeats: int = 1, sync=lambda: None) -> dict:
+    """Median seconds per call of each fn, measured round-robin."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def randomized_model(name: str, image_size: int = 32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name, 10, image_size)
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _images(model: str, batch: int, image_size: int) -> torch.Tensor:
+    channels = 1 if model == "digits_cnn" else 3
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(
+        0, 256, (batch, channels, image_size, image_size), dtype=torch.uint8, generator=gen
+    )
+
+
+def program_for(model: str, bits: int, images: torch.Tensor, image_size: int):
+    qat = prepare_qat(
+        randomized_model(model, image_size), QuantConfig(weight_bits=bits, act_bits=bits), images
+    )
+    calibrate_(qat, images[:64])
+    return convert(qat)
+
+
+# -- QAT step ------------------------------------------------------------------------------------
+def torch_ao_lsq(model: nn.Module, example: torch.Tensor, w_bits: int, a_bits: int) -> nn.Module:
+    """The nearest peer: torch.ao prepare_qat_fx with _LearnableFakeQuantize (LSQ with gradient
+    scaling), per-tensor symmetric weights (its per-channel learnable path needs extra care)."""
+    from torch.ao.quantization import QConfig, QConfigMapping, disable_observer
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    act = _LearnableFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=2**a_bits - 1,
+        dtype=torch.quint8,
+        use_grad_scaling=True,
+    )
+    weight = _LearnableFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver,
+        quant_min=-(2 ** (w_bits - 1)),
+        quant_max=2 ** (w_bits - 1) - 1,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+        use_grad_scaling=True,
+    )
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    model.train()
+    prepared = prepare_qat_fx(model, mapping, (example.float(),))
+    prepared(example.float())  # observers set the initial scales once, like LSQ's calibration
+    prepared.apply(disable_observer)
+    return prepared
+
+
+def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+
+    def step():
+        loss = nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def qat_overhead(
+    model: str = "resnet20",
+    device: str = "cpu",
+    batch: int = 128,
+    bits: tuple[int, int] = (4, 4),
+    rounds: int = 5,
+    repeats: int = 3,
+    image_size: int = 32,
+) -> list[dict]:
+    dev = torch.device(device)
+    images = _images(model, batch, image_size).to(dev)
+    labels = torch.randint(0, 10, (batch,), device=dev)
+    w_bits, a_bits = bits
+    float_model = randomized_model(model, image_size).to(dev)
+    qat = prepare_qat(
+        randomized_model(model, image_size),
+        QuantConfig(weight_bits=w_bits, act_bits=a_bits),
+        images.cpu(),
+    ).to(dev)
+    calibrate_(qat, images)
+    steps = {
+        "float": _train_step(float_model, images.float(), labels),
+        "lsqint": _train_step(qat, images, labels),
+    }
+    try:
+        peer = torch_ao_lsq(randomized_model(model, image_size).to(dev), images, w_bits, a_bits)
+        steps["torch.ao"] = _train_step(peer, images.float(), labels)
+    except Exception as err:  # report the reason in the table instead of hiding the row
+        print(f"torch.ao peer unavailable: {type(err).__name__}: {err}")
+    for fn in steps.values():
+        fn()
+        fn()
+    times = interleaved_timings(steps, rounds, repeats, _sync(dev))
+    return [
+        {"variant": k, "ms_per_step": 1000 * t, "ratio_to_float": t / times["float"]}
+        for k, t in times.items()
+    ]
+
+
+# -- integer inference ---------------------------------------------------------------------------
+def int_inference(
+    model: str = "resnet20",
+    device: str = "cpu",
+    batch: int = 256,
+    bits_list=(4, 8),
+    rounds: int = 5,
+    reference_images: int = 16,
+    image_size: int = 32,
+) -> list[dict]:
+    dev = torch.device(device)
+    images = _images(model, batch, image_size)
+    images_dev = images.to(dev)
+    float_model = randomized_model(model, image_size).to(dev)
+    rows = []
+    for bits in bits_list:
+        program = program_for(model, bits, images, image_size)
+        compiled = CompiledProgram(program, dev)
+
+        def float_run():
+            with torch.no_grad():
+                float_model(images_dev)
+
+        def int_run(compiled=compiled):
+            compiled(images_dev)
+
+        float_run()
+        int_run()
+        times = interleaved_timings(
+            {"float32": float_run, "torch-int": int_run}, rounds, 1, _sync(dev)
+        )
+        ref_batch = images[:reference_images].numpy()
+        start = time.perf_counter()
+        expected = run_reference(program, ref_batch)
+        ref_s = (time.perf_counter() - start) / len(ref_batch)
+        if not np.array_equal(compiled(ref_batch), expected):
+            raise AssertionError("torch runtime differs from the reference")
+        float_ips, int_ips = batch / times["float32"], batch / times["torch-int"]
+        rows.append(
+            {
+                "bits": f"W{bits}A{bits}",
+                "float32_images_per_s": float_ips,
+                "torch_int_images_per_s": int_ips,
+                "torch_int_ratio": int_ips / float_ips,
+                "reference_images_per_s": 1 / ref_s,
+                "reference_ratio": (1 / ref_s) / float_ips,
+                "paths": sorted(set(compiled.paths.values())),
+            }
+        )
+    return rows
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------
+def onnx_inference(
+    model: str = "resnet20",
+    batch: int = 256,
+    bits_list=(4, 8),
+    rounds: int = 5,
+    image_size: int = 32,
+) -> list[dict]:
+    import onnxruntime as ort
+
+    from .export.onnx_int import OnnxSession
+
+    images = _images(model, batch, image_size)
+    images_np = images.numpy()
+    images_f = images_np.astype(np.float32)
+    buf = io.BytesIO()
+    torch.onnx.export(
+        randomized_model(model, image_size),
+        (images.float(),),
+        buf,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamo=False,
+        opset_version=17,
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    fsess = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for bits in bits_list:
+        program = program_for(model, bits, images, image_size)
+        isess = OnnxSession(program)
+        compiled = CompiledProgram(program)
+        if not np.array_equal(isess(images_np[:8]), compiled(images_np[:8])):
+            raise AssertionError("ONNX Runtime differs from the torch runtime")
+        fns = {
+            "ort-float32": lambda: fsess.run(["logits"], {"input": images_f}),
+            "ort-int": lambda isess=isess: isess(images_np),
+            "torch-int": lambda compiled=compiled: compiled(images_np),
+        }
+        for fn in fns.values():
+            fn()
+        ips = {k: batch / v for k, v in interleaved_timings(fns, rounds).items()}
+        base = ips["ort-float32"]
+        rows.append(
+            {
+                "bits": f"W{bits}A{bits}",
+                **{f"{k.replace('-', '_')}_images_per_s": v for k, v in ips.items()},
+                "ort_int_ratio": ips["ort-int"] / base,
+                "torch_int_ratio": ips["torch-int"] / base,
+            }
+        )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width table of rows (numbers to 3 significant decimals)."""
+    keys = list(rows[0])
+    cells = [[k for k in keys]] + [
+        [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells
+    )
+
+
+def bench_all(model: str, device: str, rounds: int, skip_onnx: bool = False) -> dict:
+    """Everything `lsqint bench` reports, in one run."""
+    import sys
+
+    result = {
+        "model": model,
+        "device": device,
+        "evidence": evidence(" ".join(["lsqint", *sys.argv[1:]])),
+    }
+    result["qat_overhead"] = qat_overhead(model, device, rounds=rounds)
+    result["int_inference"] = int_inference(model, device, rounds=rounds)
+    if not skip_onnx:
+        try:
+            result["onnx_inference"] = onnx_inference(model, rounds=rounds)
+        except ImportError as err:
+            result["onnx_inference_skipped"] = str(err)
+    return result

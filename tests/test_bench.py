@@ -1,0 +1,28 @@
+"""`lsqint bench` runs end to end on a small model and writes what it printed as JSON."""
+
+import json
+
+import pytest
+
+from lsqint.bench import format_rows, int_inference, qat_overhead
+from lsqint.cli import main
+
+
+def test_bench_functions_measure_every_variant():
+    rows = qat_overhead("digits_cnn", batch=16, rounds=1, repeats=1, image_size=8)
+    assert [r["variant"] for r in rows][:2] == ["float", "lsqint"]
+    assert rows[0]["ratio_to_float"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
+    rows = int_inference("digits_cnn", batch=16, bits_list=(4,), rounds=1, reference_images=2,
+                         image_size=8)
+    assert rows[0]["torch_int_images_per_s"] > rows[0]["reference_images_per_s"] > 0
+    assert "W4A4" in format_rows(rows)
+
+
+def test_bench_command_writes_json(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "digits_cnn", "--rounds", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"qat_overhead", "int_inference", "onnx_inference", "evidence"} <= set(result)
+    assert result["evidence"]["commit"]
+    assert all(r["ort_int_ratio"] > 0 for r in result["onnx_inference"])
