@@ -14,13 +14,11 @@ import numpy as np
 from .data import load_data
 from .intprog.artifact import load
 from .runtime import run
-from .train import load_checkpoint
 from .workflow import (
     RunArgs,
     artifact_sizes,
-    build_float_model,
     compare,
-    fakequant_predictions,
+    float_accuracy,
     images_and_labels,
     load_qat_model,
     train_float,
@@ -60,10 +58,7 @@ def demo(
         float_result = train_float(RunArgs(epochs=FLOAT_EPOCHS, lr=0.05, **base))
         data = load_data("digits")
         images, labels = images_and_labels(data.val)
-        state = load_checkpoint(float_result["checkpoint"])
-        float_model = build_float_model(state["meta"])
-        float_model.load_state_dict(state["model"])
-        float_acc = float((fakequant_predictions(float_model, images) == labels.numpy()).mean())
+        float_acc = float_accuracy(float_result["checkpoint"], images, labels)
         rows = []
         for w_bits, a_bits in _parse_bits(bits):
             print(f"[demo] QAT W{w_bits}A{a_bits}: {QAT_EPOCHS} epochs")

@@ -13,14 +13,12 @@ from typing import Any
 
 from .data import load_data
 from .intprog.artifact import load
-from .train import load_checkpoint
 from .workflow import (
     RunArgs,
     artifact_sizes,
-    build_float_model,
     compare,
     default_float_checkpoint,
-    fakequant_predictions,
+    float_accuracy,
     images_and_labels,
     load_qat_model,
     qat_dir_name,
@@ -41,13 +39,6 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
             raise ValueError(f"bad W,A pair {item!r}; write pairs like '8,8 4,4 2,2'") from None
         pairs.append((w, a))
     return pairs
-
-
-def _float_accuracy(checkpoint: Path, images, labels) -> float:
-    state = load_checkpoint(checkpoint)
-    model = build_float_model(state["meta"])
-    model.load_state_dict(state["model"])
-    return float((fakequant_predictions(model, images) == labels.numpy()).mean())
 
 
 def sweep(
@@ -75,7 +66,7 @@ def sweep(
         state["float_train_s"] = time.time() - started
     data = load_data(args.dataset, args.data_root, args.image_size)
     images, labels = images_and_labels(data.val)
-    float_acc = _float_accuracy(ckpt, images, labels)
+    float_acc = float_accuracy(ckpt, images, labels)
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
         if key in rows:

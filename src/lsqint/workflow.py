@@ -340,6 +340,14 @@ def fakequant_predictions(model: nn.Module, images: torch.Tensor, batch_size: in
     )
 
 
+def float_accuracy(checkpoint, images, labels) -> float:
+    """Top-1 of a float checkpoint's model on ``images``."""
+    state = load_checkpoint(checkpoint)
+    model = build_float_model(state["meta"])
+    model.load_state_dict(state["model"])
+    return float((fakequant_predictions(model, images) == labels.numpy()).mean())
+
+
 def compare(
     program: IntProgram,
     qat_model: nn.Module | None,

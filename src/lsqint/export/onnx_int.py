@@ -79,6 +79,28 @@ class _Graph:
         )
         return out
 
+    def finish(self, name: str, logits_type: int):
+        """uint8 images (N, C, H, W) in, logits of ``logits_type`` out; checked model."""
+        c, h, w = self.program.input_spec.shape
+        helper = self.helper
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("input", self.TP.UINT8, ["N", c, h, w])],
+            [
+                helper.make_tensor_value_info(
+                    "logits", logits_type, ["N", self.program.num_classes()]
+                )
+            ],
+            initializer=self.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lsqint"
+        )
+        model.ir_version = min(model.ir_version, 9)  # readable by ONNX Runtime since 1.16
+        self.onnx.checker.check_model(model, full_check=True)
+        return model
+
     def cast(self, x: str, to: str, output: str | None = None) -> str:
         return self.op("Cast", [x], "cast", output, to=getattr(self.TP, to.upper()))
 
@@ -271,35 +293,24 @@ def to_onnx_model(program: IntProgram):
             g.cast(g.t(node.inputs[0]), "int32", "logits")
             continue
         _lower(g, node)
-    onnx, TP, helper = g.onnx, g.TP, g.helper
-    c, h, w = program.input_spec.shape
-    classes = program.num_classes()
-    graph = helper.make_graph(
-        g.nodes,
-        "lsqint_intprogram",
-        [helper.make_tensor_value_info("input", TP.UINT8, ["N", c, h, w])],
-        [helper.make_tensor_value_info("logits", TP.INT32, ["N", classes])],
-        initializer=g.inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lsqint"
-    )
-    model.ir_version = min(model.ir_version, 9)  # readable by ONNX Runtime releases since 1.16
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return g.finish("lsqint_intprogram", g.TP.INT32)
 
 
-def export_onnx(program: IntProgram, path) -> int:
-    """Write the integer-only ONNX model; returns the file size in bytes."""
+def write_model(model, path) -> int:
+    """Serialize ``model`` to ``path`` atomically; returns the file size in bytes."""
     import os
     from pathlib import Path
 
-    model = to_onnx_model(program)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.SerializeToString())
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def export_onnx(program: IntProgram, path) -> int:
+    """Write the integer-only ONNX model; returns the file size in bytes."""
+    return write_model(to_onnx_model(program), path)
 
 
 class OnnxSession:

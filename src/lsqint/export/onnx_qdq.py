@@ -13,13 +13,10 @@ opset 21's int4 (and none at 2 or 3 bits).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 from ..intprog.program import IntProgram
-from .onnx_int import OPSET, ExportError, _Graph
+from .onnx_int import ExportError, _Graph, write_model
 
 
 def _full_range(dtype: str) -> tuple[int, int]:
@@ -28,7 +25,7 @@ def _full_range(dtype: str) -> tuple[int, int]:
 
 def to_qdq_model(program: IntProgram):
     g = _Graph(program)
-    TP, helper, onnx = g.TP, g.helper, g.onnx
+    TP = g.TP
     for spec in program.tensors.values():
         if spec.dtype in ("int8", "uint8") and spec.name != "input" and spec.bits != 8:
             raise ExportError(
@@ -168,29 +165,12 @@ def to_qdq_model(program: IntProgram):
             g.op("Identity", [value], "out", "logits")
         else:
             raise ExportError(f"node '{node.name}' ({node.op}): no QDQ lowering")
-    c, h, w = program.input_spec.shape
-    graph = helper.make_graph(
-        g.nodes,
-        "lsqint_qdq",
-        [helper.make_tensor_value_info("input", TP.UINT8, ["N", c, h, w])],
-        [helper.make_tensor_value_info("logits", TP.FLOAT, ["N", program.num_classes()])],
-        initializer=g.inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lsqint"
-    )
-    model.ir_version = min(model.ir_version, 9)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return g.finish("lsqint_qdq", TP.FLOAT)
 
 
 def export_onnx(program: IntProgram, path) -> int:
-    model = to_qdq_model(program)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, path)
-    return path.stat().st_size
+    """Write the QDQ ONNX model of an 8-bit program; returns the file size in bytes."""
+    return write_model(to_qdq_model(program), path)
 
 
 def run_qdq(program: IntProgram, images: np.ndarray) -> np.ndarray:
