@@ -100,6 +100,6 @@ def test_torch_runtime_reports_its_paths(bits):
 
     _, program, _ = random_qat_program("resnet20", QuantConfig(weight_bits=bits, act_bits=bits), 0)
     paths = CompiledProgram(program).paths
-    assert set(paths.values()) <= {"float32", "float64", "int64"}
+    assert set(paths.values()) <= {"float32", "float64", "float32+float64", "int64"}
     convs = [n.name for n in program.nodes if n.op == "conv2d"]
     assert all(paths[c] in ("float32", "float64") for c in convs)

@@ -176,6 +176,10 @@ class CompiledProgram:
         m, t = node.params["m"], node.params["t"]
         ndim = len(self.program.tensors[node.inputs[0]].shape) + 1
         bound = self._acc_bound(node.inputs[0])
+        owned = self.readers.get(node.inputs[0], 0) == 1
+        mixed = self._mixed_requantize(node, m, t, lo, hi, bound, ndim, owned)
+        if mixed is not None:
+            return mixed
         plan = self._affine_plans(node, m, np.zeros_like(m), t, lo, hi, -bound, bound, ndim)
         if plan is not None:
             M, C, dtype = plan
@@ -198,6 +202,41 @@ class CompiledProgram:
             return y.to(torch.float32) if narrow else y
 
         return run_requantize
+
+    def _mixed_requantize(self, node, m, t, lo, hi, bound, ndim, owned) -> Callable | None:
+        """float32 for the channels proven exact in float32, float64 for the rest (8-bit outputs
+        often have a few channels whose steps sit too close to a half for float32)."""
+        if bound >= F32_EXACT or len(m) < 2:
+            return None
+        plans32 = [
+            affine_step_plan(int(mc), 0, int(tc), lo, hi, -bound, bound, np.float32)
+            for mc, tc in zip(m, t, strict=True)
+        ]
+        failing = [c for c, plan in enumerate(plans32) if plan is None]
+        if not failing or len(failing) > len(m) // 2:
+            return None  # all float32 (the plain path), or too many for a partial fix-up
+        plans64 = [
+            affine_step_plan(int(m[c]), 0, int(t[c]), lo, hi, -bound, bound, np.float64)
+            for c in failing
+        ]
+        if any(plan is None for plan in plans64):
+            return None
+        self.paths[node.name] = "float32+float64"
+        # Failing channels get a neutral float32 plan; their values are overwritten below.
+        M32 = self._channel(np.array([p[0] if p else 1 for p in plans32], np.float32), ndim)
+        C32 = self._channel(np.array([p[1] if p else 0 for p in plans32], np.float32), ndim)
+        M64 = self._channel(np.array([p[0] for p in plans64], np.float64), ndim)
+        C64 = self._channel(np.array([p[1] for p in plans64], np.float64), ndim)
+        index = torch.tensor(failing, device=self.device)
+
+        def run_requantize_mixed(acc):
+            fix = acc.index_select(1, index).to(torch.float64)
+            fix = fix.mul_(M64).add_(C64).floor_().clamp_(lo, hi).to(torch.float32)
+            y = acc.to(torch.float32) if owned else acc.to(torch.float32, copy=True)
+            y = y.mul_(M32).add_(C32).floor_().clamp_(lo, hi)
+            return y.index_copy_(1, index, fix)
+
+        return run_requantize_mixed
 
     def _build_add(self, node: Node) -> Callable:
         a = node.attrs
