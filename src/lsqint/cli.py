@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -164,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except _USER_ERRORS as err:
+        if os.environ.get("LSQINT_DEBUG"):
+            raise  # the full traceback, for bug reports
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lsqint {ns.command}: error: {message}", file=sys.stderr)
+        print(f"lsqint {ns.command}: error: {message} (LSQINT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
 
 
