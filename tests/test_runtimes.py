@@ -82,3 +82,24 @@ def test_cuda_runtime_equals_reference(name, bits):
 
 def test_runtime_registry_lists_reference_and_torch():
     assert {"reference", "torch"} <= set(RUNTIMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_many_seeds_all_runtimes_agree(name):
+    """The differential suite over many more seeds and mixed bit widths (minutes)."""
+    runtimes = ["torch"] + (["onnx"] if "onnx" in RUNTIMES and _has_onnxruntime() else [])
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        w, a = (int(b) for b in rng.integers(2, 9, 2))
+        config = QuantConfig(weight_bits=w, act_bits=a, per_channel=bool(seed % 2))
+        _, program, images = random_qat_program(name, config, seed=1000 + seed, batch=4)
+        assert_runtimes_agree(program, images.numpy(), runtimes=runtimes)
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
