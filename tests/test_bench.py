@@ -12,8 +12,9 @@ def test_bench_functions_measure_every_variant():
     rows = qat_overhead("digits_cnn", batch=16, rounds=1, repeats=1, image_size=8)
     assert [r["variant"] for r in rows][:2] == ["float", "lsqint"]
     assert rows[0]["ratio_to_float"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
-    rows = int_inference("digits_cnn", batch=16, bits_list=(4,), rounds=1, reference_images=2,
-                         image_size=8)
+    rows = int_inference(
+        "digits_cnn", batch=16, bits_list=(4,), rounds=1, reference_images=2, image_size=8
+    )
     assert rows[0]["torch_int_images_per_s"] > rows[0]["reference_images_per_s"] > 0
     assert "W4A4" in format_rows(rows)
 

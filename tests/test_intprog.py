@@ -177,3 +177,58 @@ def test_digits_qat_model_and_integer_program_agree(digits_runs):
     assert abs(row["int_acc"] - row["fakequant_acc"]) <= 0.001
     assert row["agreement"] >= 0.999
     assert_runtimes_agree(program, images.numpy())
+
+
+def test_bias_of_a_nearly_dead_channel_is_clipped_exactly():
+    """Regression: a W8A8 CIFAR run died in convert with 'quantized bias exceeds int32' because a
+    channel's weights (and so its step size) were ~0 while its folded BN bias was not."""
+    torch.manual_seed(0)
+    model = lsqint.models.create_model("digits_cnn").eval()
+    with torch.no_grad():
+        model.conv2.weight[0].mul_(1e-7)
+        model.bn2.bias[0] = 0.8
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(weight_bits=8, act_bits=8), images)
+    calibrate_(qat, images)
+    program = convert(qat)  # used to raise
+    conv2 = next(n for n in program.nodes if n.name == "conv2")
+    assert conv2.params["bias"].dtype == np.int32
+    assert int(conv2.params["bias"][0]) < 2**31 - 1
+    requant = next(n for n in program.nodes if n.inputs == ["conv2"])
+    assert requant.op == "requantize"
+    # Channel 0's output is provably constant: lowered as weights 0, bias k, multiplier 1.
+    assert not conv2.params["weight"][0].any()
+    assert (int(requant.params["m"][0]), int(requant.params["t"][0])) == (2**30, 30)
+    assert conv2.params["weight"][1:].any()
+    logits = assert_runtimes_agree(program, images.numpy())
+    with torch.no_grad():
+        fq = qat(images).numpy()
+    assert np.array_equal(logits.argmax(1), fq.argmax(1))
+
+
+@pytest.mark.parametrize("shrink", [1e-3, 1e-5, 1e-7])
+def test_clipped_or_constant_bias_channel_gives_the_fake_quant_codes(shrink):
+    from lsqint.runtime.reference import run_node
+
+    torch.manual_seed(1)
+    model = lsqint.models.create_model("digits_cnn").eval()
+    with torch.no_grad():
+        model.conv2.weight[0].mul_(shrink)
+        model.bn2.bias[0] = 0.8
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(weight_bits=8, act_bits=8), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    env = {"input": images.numpy()}
+    for node in program.nodes[:-1]:
+        env[node.output] = run_node(node, [env[n] for n in node.inputs])
+    requant = next(n for n in program.nodes if n.inputs == ["conv2"])
+    quantizer = qat.get_submodule(requant.name)
+    captured = {}
+    handle = quantizer.register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    qat.eval()
+    with torch.no_grad():
+        qat(images)
+    handle.remove()
+    fq_codes = torch.round(captured["x"] / quantizer.effective_scale()).detach().numpy()
+    assert np.array_equal(env[requant.output][:, 0], fq_codes[:, 0])  # the shrunk channel

@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LSQINT_DEBUG"):
             raise  # the full traceback, for bug reports
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lsqint {ns.command}: error: {message} (LSQINT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"lsqint {ns.command}: error: {message} (LSQINT_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

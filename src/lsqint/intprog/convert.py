@@ -64,6 +64,7 @@ class Acc:
     tensor: str
     scale: np.ndarray  # float64, one per channel (or one)
     act: str | None = None
+    layer: Node | None = None  # the conv/linear that made it; its bias is finalized by the reader
 
 
 @dataclass
@@ -212,6 +213,8 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         return Codes(b.emit("input", node.name, ["input"], out, attrs, params), s_out)
     if isinstance(src, Acc):
         m, t = quantize_multipliers(src.scale / s_out)
+        if src.layer is not None:
+            _finalize_bias(b, src.layer, m, t, lo, hi)
         attrs = {"lo": lo, "hi": hi}
         return Codes(
             b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "t": t}), s_out
@@ -241,14 +244,11 @@ def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:
     channels = w_q.shape[0]
     if layer.bias is not None:
         # Same arithmetic as QuantConv2d's bias fake quant: round(bias / (s_x * s_w)).
-        bias_q = torch.round(layer.bias.detach().float() / (s_x * s_w)).to(torch.float64)
-        if bias_q.abs().max() > INT32_MAX:
-            raise UnsupportedOpError(f"{describe(gm, node)}: quantized bias exceeds int32")
-        bias_q = bias_q.to(torch.int64).numpy().astype(np.int32)
+        # Kept as float64 integers until the reader knows the output range (_finalize_bias).
+        bias_q = torch.round(layer.bias.detach().float() / (s_x * s_w)).double().numpy()
     else:
-        bias_q = np.zeros(channels, np.int32)
-    in_spec = b.tensors[x.tensor]
-    bound = int(conv_acc_bound(w_q, bias_q, max(abs(in_spec.qmin), abs(in_spec.qmax))).max())
+        bias_q = np.zeros(channels, np.float64)
+    bound = 0  # set by _finalize_bias
     acc_scale = np.broadcast_to(
         np.float64(x.scale) * s_w.double().numpy().reshape(-1), (channels,)
     ).copy()
@@ -265,7 +265,67 @@ def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:
     else:
         op = "linear"
     name = b.emit(op, node.target, [x.tensor], out, attrs, {"weight": w_q, "bias": bias_q})
-    return Acc(name, acc_scale)
+    return Acc(name, acc_scale, layer=b.nodes[-1])
+
+
+def _finalize_bias(b: _Builder, layer: Node, m=None, t=None, lo=None, hi=None) -> None:
+    """Store the layer's bias as int32 and record its accumulator bound.
+
+    When a requantize with range [lo, hi] reads the accumulator, a bias beyond
+    ``L_c = D_c + R_c`` (D_c = sum|w_q[c]| * max|x_q|, R_c * m_c / 2^t_c >= max(|lo|, |hi|) + 1)
+    saturates the output whatever the input: |acc| >= R_c drives it past lo or hi. Clipping
+    the bias to +-L_c therefore changes no output, and keeps channels whose weight step size is
+    tiny next to their bias (nearly dead filters after BN folding) inside int32.
+
+    Where even the clipped bias overflows int32 (the multiplier is tiny), the channel's output
+    may still be provably constant: the same code k for the smallest and the largest
+    accumulator it can reach. Such a channel is lowered as weights 0, bias k, multiplier 1
+    (m = 2^30, t = 30), which gives k for every input, exactly like the original.
+    """
+    weight = layer.params["weight"]
+    spec = b.tensors[layer.inputs[0]]
+    absmax = max(abs(spec.qmin), abs(spec.qmax))
+    bias = layer.params["bias"].astype(np.float64)
+    if m is not None:
+        dot = conv_acc_bound(weight, np.zeros(len(bias), np.int64), absmax)
+        reach = max(abs(lo), abs(hi)) + 1
+        m_c = np.broadcast_to(m, bias.shape)
+        t_c = np.broadcast_to(t, bias.shape)
+        limit = np.array(
+            [
+                int(d) + -((-reach << int(tc)) // int(mc)) + 1
+                for d, mc, tc in zip(dot, m_c, t_c, strict=True)
+            ],
+            np.float64,
+        )
+        bias = np.clip(bias, -limit, limit)
+        for c in np.flatnonzero(np.abs(bias) > INT32_MAX):
+            ends = [
+                min(
+                    max(
+                        (
+                            (int(bias[c]) + sign * int(dot[c])) * int(m_c[c])
+                            + (1 << (int(t_c[c]) - 1))
+                        )
+                        >> int(t_c[c]),
+                        lo,
+                    ),
+                    hi,
+                )
+                for sign in (-1, 1)
+            ]
+            if ends[0] == ends[1] and m.shape == bias.shape:  # constant channel
+                weight[c] = 0
+                bias[c] = ends[0]
+                m[c], t[c] = 1 << 30, 30
+    if np.abs(bias).max(initial=0) > INT32_MAX:
+        c = int(np.abs(bias).argmax())
+        raise UnsupportedOpError(
+            f"layer '{layer.name}': quantized bias of channel {c} ({bias[c]:.3g}) exceeds int32: "
+            "its weight step size is tiny next to its bias; retrain, or use per-tensor weights"
+        )
+    layer.params["bias"] = bias.astype(np.int64).astype(np.int32)
+    layer.attrs["acc_bound"] = int(conv_acc_bound(weight, layer.params["bias"], absmax).max())
 
 
 def _pair(v) -> list[int]:
@@ -360,6 +420,7 @@ def _lower_output(b: _Builder, node: fx.Node, value) -> None:
         raise UnsupportedOpError("the model must end with a conv/linear layer (the logits)")
     spec = b.tensors[value.tensor]
     layer = next(n for n in b.nodes if n.output == value.tensor)
+    _finalize_bias(b, layer)
     bound = conv_acc_bound(
         layer.params["weight"], layer.params["bias"], _input_absmax(b, layer)
     ).astype(np.float64)
