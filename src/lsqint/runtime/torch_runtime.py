@@ -248,8 +248,12 @@ class CompiledProgram:
                 self.paths[node.name] = str(dtype).replace("torch.", "")
                 Ma, Mb, C = (float(v) for v in plan)
 
-                def run_add_float(x_a, x_b, Ma=Ma, Mb=Mb, C=C, dtype=dtype):
-                    y = x_a.to(dtype).mul_(Ma) if dtype != x_a.dtype else torch.mul(x_a, Ma)
+                # Reuse an input's buffer when this add is its only reader (fresh buffers cost
+                # page faults); x_b is usually the shortcut, which the next block reads too.
+                owned_a = self.readers.get(node.inputs[0], 0) == 1
+
+                def run_add_float(x_a, x_b, Ma=Ma, Mb=Mb, C=C, dtype=dtype, owned_a=owned_a):
+                    y = x_a.to(dtype, copy=not owned_a).mul_(Ma)
                     y.add_(torch.mul(x_b.to(dtype), Mb)).add_(C).floor_().clamp_(lo, hi)
                     return y.to(torch.float32)
 
