@@ -227,3 +227,28 @@ def test_nan_loss_stops_cleanly_and_keeps_the_good_checkpoint(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "loss became nan" in r.stderr.lower() or "loss became inf" in r.stderr.lower()
     assert best.read_bytes() == before
+
+
+def test_infer_on_a_lone_program_file(tmp_path, digits_runs, capsys):
+    import shutil
+
+    lone = tmp_path / "model.intprog.safetensors"
+    shutil.copy(digits_runs["qat"]["program"], lone)  # no best.pt beside it
+    args = [
+        "infer",
+        "--program",
+        str(lone),
+        "--runtime",
+        "reference",
+        "--limit",
+        "50",
+        "--cuda",
+        "-1",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fake-quant top-1   n/a" in out and "(digits val)" in out
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["images"] == 50 and row["runtime"] == "reference" and "agreement" not in row
