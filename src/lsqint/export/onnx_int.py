@@ -115,15 +115,24 @@ class _Graph:
         return self.cast(shifted, "uint8"), self.const(np.array(128, np.uint8), "zp128")
 
     def floor_shift(
-        self, value: str, t: np.ndarray, bound: int, m_max: int, channel_shape, lo: int, hi: int
+        self,
+        value: str,
+        t: np.ndarray,
+        bound: int,
+        m_max: int,
+        channel_shape,
+        lo: int,
+        hi: int,
+        addend=0,
     ) -> str:
-        """clamp(floor(value / 2^t), lo, hi) for int64 ``value`` with |value| <= bound * m_max +
-        2^(t-1): the offset trick in the module docstring."""
+        """clamp(floor((value + addend) / 2^t), lo, hi) for int64 ``value`` with
+        |value + addend| <= bound * m_max + 2^(t-1): the offset trick in the module docstring.
+        ``addend`` (the rounding half, a bias) is folded into the offset: one Add, not two."""
         t = np.asarray(t, np.int64)
         k = (int(bound) * int(m_max) + (1 << int(t.min()))) // (1 << int(t.min())) + 1
         if (2 * k + 2) * (1 << int(t.max())) >= 1 << 63:
             raise ExportError(f"floor shift offset overflows int64 (bound {bound}, m {m_max})")
-        offset = (np.int64(k) << t).reshape(channel_shape)
+        offset = (np.int64(k) << t).reshape(channel_shape) + np.asarray(addend, np.int64)
         positive = self.op("Add", [value, self.const(offset, "offset")], "pos")
         shifted = self.op(
             "BitShift",
@@ -164,9 +173,9 @@ def _lower(g: _Graph, node: Node) -> None:
         ca, cb = node.params["a"], node.params["b"]
         cs = (1, len(ca), 1, 1)
         acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "pa")
-        acc = g.op("Add", [acc, g.const((cb + (1 << (t - 1))).reshape(cs), "b")], "pab")
         bound = 255 * int(np.abs(ca).max()) + int(np.abs(cb).max()) + (1 << (t - 1))
-        y = g.floor_shift(acc, np.array([t]), bound, 1, (), a["qmin"], a["qmax"])
+        addend = (cb + (1 << (t - 1))).reshape(cs)
+        y = g.floor_shift(acc, np.array([t]), bound, 1, (), a["qmin"], a["qmax"], addend)
         g.cast(y, spec.dtype, out)
     elif node.op in ("conv2d", "linear"):
         xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
@@ -203,20 +212,8 @@ def _lower(g: _Graph, node: Node) -> None:
         v = g.op(
             "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
         )
-        v = g.op(
-            "Add",
-            [
-                v,
-                g.const(
-                    (np.int64(1) << (t - 1)).reshape(cs)
-                    if cs
-                    else np.array(1 << (int(t[0]) - 1), np.int64),
-                    "half",
-                ),
-            ],
-            "amh",
-        )
-        y = g.floor_shift(v, t, g.bounds[x_name], int(m.max()), cs, a["lo"], a["hi"])
+        half = (np.int64(1) << (t - 1)).reshape(cs) if cs else np.int64(1 << (int(t[0]) - 1))
+        y = g.floor_shift(v, t, g.bounds[x_name], int(m.max()), cs, a["lo"], a["hi"], half)
         g.cast(y, spec.dtype, out)
     elif node.op == "add":
         t = a["shift"]
@@ -230,13 +227,9 @@ def _lower(g: _Graph, node: Node) -> None:
             [g.cast(g.t(node.inputs[1]), "int64"), g.const(np.array(a["m_b"], np.int64), "mb")],
             "bmb",
         )
-        v = g.op(
-            "Add",
-            [g.op("Add", [va, vb], "sum"), g.const(np.array(1 << (t - 1), np.int64), "half")],
-            "sumh",
-        )
-        bound = 255 * (abs(a["m_a"]) + abs(a["m_b"]))
-        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"])
+        v = g.op("Add", [va, vb], "sum")
+        bound = 255 * (abs(a["m_a"]) + abs(a["m_b"])) + (1 << (t - 1))
+        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
         g.cast(y, spec.dtype, out)
     elif node.op == "maxpool2d":
         ph, pw = a["padding"]
