@@ -209,6 +209,15 @@ def test_quant_config_round_trips_through_dict():
         cfg.weight_bits = 3
 
 
+def test_quant_config_copies_and_pickles():
+    import copy
+    import pickle
+
+    cfg = QuantConfig(weight_bits=3, overrides={"fc": {"weight_bits": 8}})
+    assert copy.deepcopy(cfg) is cfg
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
 def test_torchvision_resnet_prepares():
     model = randomize_bn_(create_model("torchvision:resnet18", 10, 64)).eval()
     gm = prepare_qat(model, QuantConfig(), torch.zeros(1, 3, 64, 64))

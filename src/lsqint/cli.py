@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float-init", default=None, help="use this float checkpoint as the baseline")
     p.add_argument("--out", default="sweep", help="folder for runs, sweep.json/.md/.png")
     p.add_argument("--runtime", default="torch", help="runtime for the integer top-1")
+    p.add_argument(
+        "--reevaluate", action="store_true", help="measure finished pairs again (no retraining)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
@@ -212,6 +215,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
             Path(ns.out),
             ns.float_init,
             ns.runtime,
+            ns.reevaluate,
         )
         return 0
     if ns.command == "bench":

@@ -54,10 +54,14 @@ def infer(
         f"{device}, {row['images_per_s']:.0f} images/s)"
     )
     if qat_model is not None:
-        print(f"fake-quant top-1   {100 * row['fakequant_acc']:.2f} %   (QAT checkpoint {ckpt})")
+        print(
+            f"fake-quant top-1   {100 * row['fakequant_acc']:.2f} %   (QAT checkpoint {ckpt}; "
+            f"{100 * row['fakequant_f64_acc']:.2f} % evaluated in float64)"
+        )
         print(
             f"label agreement    {100 * row['agreement']:.3f} %   ({row['flips']} of "
-            f"{row['images']} differ)"
+            f"{row['images']} differ from the float64 evaluation; {row['flips_f32']} from the "
+            "float32 one)"
         )
     else:
         print(f"fake-quant top-1   n/a (no QAT checkpoint at {ckpt})")

@@ -14,6 +14,7 @@ from typing import Any
 from .data import load_data
 from .intprog.artifact import load
 from .workflow import (
+    PROGRAM_FILE,
     RunArgs,
     artifact_sizes,
     compare,
@@ -51,6 +52,7 @@ def sweep(
     out: Path,
     float_checkpoint: str | None = None,
     runtime: str = "torch",
+    reevaluate: bool = False,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "sweep.json"
@@ -69,10 +71,23 @@ def sweep(
     float_acc = float_accuracy(ckpt, images, labels)
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
-        if key in rows:
-            print(f"[sweep] {key}: done earlier, kept")
-            continue
         qat_dir = run_dir(base.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
+        if key in rows:
+            if reevaluate:
+                print(f"[sweep] {key}: done earlier, evaluated again")
+                rows[key].update(
+                    _evaluate(
+                        qat_dir / "best.pt",
+                        qat_dir / PROGRAM_FILE,
+                        images,
+                        labels,
+                        runtime,
+                        float_acc,
+                    )
+                )
+            else:
+                print(f"[sweep] {key}: done earlier, kept")
+            continue
         resume = (qat_dir / "last.pt").is_file()
         print(f"[sweep] {key}: QAT {qat_epochs} epochs" + (" (resuming)" if resume else ""))
         started = time.time()
@@ -88,22 +103,20 @@ def sweep(
             )
         )
         train_s = time.time() - started
-        program_path = Path(result["program"])
-        program = load(program_path)
-        qat_model, _ = load_qat_model(result["checkpoint"])
-        cmp = compare(program, qat_model, images, labels, runtime)
         rows[key] = {
             "pair": key,
             "w_bits": w_bits,
             "a_bits": a_bits,
-            "float_acc": float_acc,
-            "fakequant_acc": cmp["fakequant_acc"],
-            "int_acc": cmp["int_acc"],
-            "agreement": cmp["agreement"],
-            "flips": cmp["flips"],
+            **_evaluate(
+                Path(result["checkpoint"]),
+                Path(result["program"]),
+                images,
+                labels,
+                runtime,
+                float_acc,
+            ),
             "qat_epochs": qat_epochs,
             "qat_train_s": train_s,
-            **artifact_sizes(program, program_path),
         }
         state.update(
             model=args.model,
@@ -129,6 +142,28 @@ def sweep(
     return ordered
 
 
+def _evaluate(
+    checkpoint: Path, program_path: Path, images, labels, runtime: str, float_acc: float
+) -> dict[str, Any]:
+    program = load(program_path)
+    qat_model, _ = load_qat_model(checkpoint)
+    cmp = compare(program, qat_model, images, labels, runtime)
+    keys = (
+        "fakequant_acc",
+        "fakequant_f64_acc",
+        "int_acc",
+        "agreement",
+        "flips",
+        "agreement_f32",
+        "flips_f32",
+    )
+    return {
+        "float_acc": float_acc,
+        **{k: cmp[k] for k in keys},
+        **artifact_sizes(program, program_path),
+    }
+
+
 def _write(path: Path, obj) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -139,14 +174,16 @@ def markdown_table(rows, model: str, dataset: str, images: int) -> str:
     lines = [
         f"{model} on {dataset} ({images} held-out images); top-1 in %",
         "",
-        "| W/A | float | fake-quant | integer | int - float | agreement | artifact | float32 |",
+        "| W/A | float | fake-quant | integer | int - float | agreement (f64 / f32) | artifact "
+        "| float32 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| W{r['w_bits']}A{r['a_bits']} | {100 * r['float_acc']:.2f} | "
             f"{100 * r['fakequant_acc']:.2f} | {100 * r['int_acc']:.2f} | "
-            f"{100 * (r['int_acc'] - r['float_acc']):+.2f} | {100 * r['agreement']:.2f} | "
+            f"{100 * (r['int_acc'] - r['float_acc']):+.2f} | {100 * r['agreement']:.2f} / "
+            f"{100 * r.get('agreement_f32', r['agreement']):.2f} | "
             f"{r['artifact_bytes'] / 1024:.0f} KiB | {r['float_bytes'] / 1024:.0f} KiB |"
         )
     return "\n".join(lines) + "\n"

@@ -67,6 +67,15 @@ class QuantConfig:
             frozen[str(pattern)] = MappingProxyType(dict(spec))
         object.__setattr__(self, "overrides", MappingProxyType(frozen))
 
+    def __deepcopy__(self, memo) -> QuantConfig:
+        return self  # immutable all the way down (frozen, MappingProxyType overrides)
+
+    def __copy__(self) -> QuantConfig:
+        return self
+
+    def __reduce__(self):
+        return (QuantConfig.from_dict, (self.to_dict(),))
+
     def override_for(self, module_name: str, key: str) -> int | None:
         """Bits set for ``module_name`` by the last matching override pattern, or None."""
         found = None
