@@ -270,7 +270,11 @@ class CompiledProgram:
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
         x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        env = {"input": x.to(self.device)}
+        x = x.to(self.device)
+        if x.dim() == 4:
+            # NHWC is oneDNN's and cuDNN's native conv layout; every op here preserves it.
+            x = x.contiguous(memory_format=torch.channels_last)
+        env = {"input": x}
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
         try:
