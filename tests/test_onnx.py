@@ -92,3 +92,25 @@ def test_qdq_export_refuses_sub_8_bit_programs(digits_runs):
 
     with pytest.raises(ExportError, match="needs an 8-bit program"):
         to_qdq_model(load(digits_runs["qat"]["program"]))
+
+
+def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs):
+    import json
+
+    from lsqint.cli import main
+
+    out = tmp_path / "r.json"
+    args = [
+        "infer",
+        "--program",
+        digits_runs["qat"]["program"],
+        "--runtime",
+        "onnx",
+        "--cuda",
+        "-1",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    row = json.loads(out.read_text())
+    assert row["runtime"] == "onnx" and row["agreement"] >= 0.999

@@ -48,9 +48,11 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def _quant_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
-    p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
+def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
+    """-w/-a (unless ``bits`` is False: the sweep takes pairs), weight layout, first/last bits."""
+    if bits:
+        p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
+        p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
@@ -113,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reevaluate", action="store_true", help="measure finished pairs again (no retraining)"
     )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
-    p.add_argument(
-        "--first-last-bits", type=lambda s: None if s.lower() == "none" else int(s), default=8
-    )
+    _quant_flags(p, bits=False)
 
     p = sub.add_parser("bench", help="speed ratios side by side in one run, as JSON")
     p.add_argument("--model", default="resnet20")
