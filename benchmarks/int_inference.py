@@ -8,11 +8,8 @@ is timed on 16 images and reported for scale only.
 """
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from lsqint.bench import evidence, format_rows, int_inference
+from lsqint.bench import format_rows, int_inference, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")
@@ -24,16 +21,4 @@ args = p.parse_args()
 rows = int_inference(args.model, args.device, args.batch, rounds=args.rounds)
 print(f"{args.model}, batch {args.batch}, {args.device}")
 print(format_rows(rows))
-Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-Path(args.json).write_text(
-    json.dumps(
-        {
-            "benchmark": "int_inference",
-            **vars(args),
-            "rows": rows,
-            "evidence": evidence(" ".join(sys.argv)),
-        },
-        indent=2,
-    )
-)
-print(f"wrote {args.json}")
+write_json(args.json, script_result("int_inference", args, rows))

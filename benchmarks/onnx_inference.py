@@ -7,11 +7,8 @@ resnet20 at W4A4 and W8A8, CPU; ratios are to ONNX Runtime float32.
 """
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from lsqint.bench import evidence, format_rows, onnx_inference
+from lsqint.bench import format_rows, onnx_inference, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")
@@ -22,16 +19,4 @@ args = p.parse_args()
 rows = onnx_inference(args.model, args.batch, rounds=args.rounds)
 print(f"{args.model}, batch {args.batch}, cpu")
 print(format_rows(rows))
-Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-Path(args.json).write_text(
-    json.dumps(
-        {
-            "benchmark": "onnx_inference",
-            **vars(args),
-            "rows": rows,
-            "evidence": evidence(" ".join(sys.argv)),
-        },
-        indent=2,
-    )
-)
-print(f"wrote {args.json}")
+write_json(args.json, script_result("onnx_inference", args, rows))

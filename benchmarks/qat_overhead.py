@@ -9,11 +9,8 @@ Variants (forward, backward, SGD update on the same data, timed round-robin):
 """
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from lsqint.bench import evidence, format_rows, qat_overhead
+from lsqint.bench import format_rows, qat_overhead, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")
@@ -32,16 +29,4 @@ print(
     f"median of {args.rounds} rounds x {args.repeats} steps"
 )
 print(format_rows(rows))
-Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-Path(args.json).write_text(
-    json.dumps(
-        {
-            "benchmark": "qat_overhead",
-            **vars(args),
-            "rows": rows,
-            "evidence": evidence(" ".join(sys.argv)),
-        },
-        indent=2,
-    )
-)
-print(f"wrote {args.json}")
+write_json(args.json, script_result("qat_overhead", args, rows))

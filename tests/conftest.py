@@ -56,22 +56,13 @@ def random_qat_program(
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory):
     """A float and a W4A4 QAT run on digits, trained once per test session (~10 s)."""
-    from lsqint.workflow import RunArgs, train_float, train_qat
+    from lsqint.workflow import digits_args, train_float, train_qat
 
     root = tmp_path_factory.mktemp("digits_runs")
-    base = dict(
-        model="digits_cnn",
-        dataset="digits",
-        batch_size=64,
-        test_batch_size=512,
-        cuda=-1,
-        seed=0,
-        log_dir=str(root),
-        progress=False,
-    )
-    float_result = train_float(RunArgs(epochs=25, lr=0.05, **base))
-    qat_result = train_qat(RunArgs(epochs=10, lr=0.01, w_num_bits=4, a_num_bits=4, **base))
-    qat8_result = train_qat(RunArgs(epochs=5, lr=0.01, w_num_bits=8, a_num_bits=8, **base))
+    base = dict(seed=0, log_dir=str(root))
+    float_result = train_float(digits_args(epochs=25, lr=0.05, **base))
+    qat_result = train_qat(digits_args(epochs=10, lr=0.01, w_num_bits=4, a_num_bits=4, **base))
+    qat8_result = train_qat(digits_args(epochs=5, lr=0.01, w_num_bits=8, a_num_bits=8, **base))
     return {
         "root": root,
         "float": float_result,

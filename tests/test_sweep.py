@@ -6,16 +6,9 @@ from PIL import Image
 
 from lsqint import sweep as sweep_module
 from lsqint.sweep import parse_pairs, sweep
-from lsqint.workflow import RunArgs
+from lsqint.workflow import digits_args
 
-ARGS = RunArgs(
-    model="digits_cnn",
-    dataset="digits",
-    batch_size=64,
-    test_batch_size=512,
-    cuda=-1,
-    progress=False,
-)
+ARGS = digits_args()
 
 
 def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, digits_runs):

@@ -304,6 +304,22 @@ def onnx_inference(
     return rows
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write a benchmark result (with its evidence inside) and say where."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
+
+
+def script_result(name: str, args, rows: list[dict]) -> dict:
+    """What a benchmarks/*.py script saves: its name, its arguments, rows and evidence."""
+    import sys
+
+    return {"benchmark": name, **vars(args), "rows": rows, "evidence": evidence(" ".join(sys.argv))}
+
+
 def format_rows(rows: list[dict]) -> str:
     """A fixed-width table of rows (numbers to 3 significant decimals)."""
     keys = list(rows[0])

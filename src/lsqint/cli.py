@@ -216,18 +216,15 @@ def _dispatch(ns: argparse.Namespace) -> int:
         )
         return 0
     if ns.command == "bench":
-        import json
-
-        from .bench import bench_all, format_rows
+        from .bench import bench_all, format_rows, write_json
 
         result = bench_all(ns.model, ns.device, ns.rounds, ns.no_onnx)
         for key in ("qat_overhead", "int_inference", "onnx_inference"):
             if key in result:
                 print(f"\n{key} ({ns.model}, {ns.device})")
                 print(format_rows(result[key]))
-        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {ns.json}")
+        print()
+        write_json(ns.json, result)
         return 0
     if ns.command == "export":
         from .intprog.artifact import load

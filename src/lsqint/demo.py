@@ -14,10 +14,11 @@ import numpy as np
 from .data import load_data
 from .intprog.artifact import load
 from .runtime import run
+from .sweep import parse_pairs
 from .workflow import (
-    RunArgs,
     artifact_sizes,
     compare,
+    digits_args,
     float_accuracy,
     images_and_labels,
     load_qat_model,
@@ -30,45 +31,31 @@ FLOAT_EPOCHS = 40
 QAT_EPOCHS = 20
 
 
-def _parse_bits(bits: str) -> list[tuple[int, int]]:
-    pairs = []
-    for item in bits.split(";"):
-        w, a = item.split(",")
-        pairs.append((int(w), int(a)))
-    return pairs
-
-
 def demo(
     json_path: str | None = None, out: Path | None = None, bits: str = "4,4;2,2", seed: int = 0
 ) -> list[dict]:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out) if out else Path(tmp)
-        base = dict(
-            model="digits_cnn",
-            dataset="digits",
-            batch_size=64,
-            test_batch_size=512,
-            cuda=-1,
-            seed=seed,
-            log_dir=str(root),
-            progress=False,
-        )
+        base = dict(seed=seed, log_dir=str(root))
         print(f"[demo] float training: digits_cnn on scikit-learn digits, {FLOAT_EPOCHS} epochs")
-        float_result = train_float(RunArgs(epochs=FLOAT_EPOCHS, lr=0.05, **base))
+        float_result = train_float(digits_args(epochs=FLOAT_EPOCHS, lr=0.05, **base))
         data = load_data("digits")
         images, labels = images_and_labels(data.val)
         float_acc = float_accuracy(float_result["checkpoint"], images, labels)
         rows = []
-        for w_bits, a_bits in _parse_bits(bits):
+        for w_bits, a_bits in parse_pairs(bits):
             print(f"[demo] QAT W{w_bits}A{a_bits}: {QAT_EPOCHS} epochs")
             result = train_qat(
-                RunArgs(epochs=QAT_EPOCHS, lr=0.01, w_num_bits=w_bits, a_num_bits=a_bits, **base)
+                digits_args(
+                    epochs=QAT_EPOCHS, lr=0.01, w_num_bits=w_bits, a_num_bits=a_bits, **base
+                )
             )
             program_path = Path(result["program"])
             program = load(program_path)
             qat_model, _ = load_qat_model(result["checkpoint"])
-            cmp = compare(program, qat_model, images, labels, runtime="reference")
+            # Integer top-1 from the fast runtime; the reference runs once, to prove them equal.
+            cmp = compare(program, qat_model, images, labels, runtime="torch")
             equal = bool(
                 np.array_equal(
                     run(program, images.numpy(), "reference"), run(program, images.numpy(), "torch")

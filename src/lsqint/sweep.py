@@ -69,6 +69,13 @@ def sweep(
     data = load_data(args.dataset, args.data_root, args.image_size)
     images, labels = images_and_labels(data.val)
     float_acc = float_accuracy(ckpt, images, labels)
+    state.update(
+        model=args.model,
+        dataset=args.dataset,
+        images=len(labels),
+        float_checkpoint=str(ckpt),
+        float_acc=float_acc,
+    )
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
         qat_dir = run_dir(base.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
@@ -118,23 +125,10 @@ def sweep(
             "qat_epochs": qat_epochs,
             "qat_train_s": train_s,
         }
-        state.update(
-            model=args.model,
-            dataset=args.dataset,
-            images=len(labels),
-            float_checkpoint=str(ckpt),
-            rows=list(rows.values()),
-        )
+        state["rows"] = list(rows.values())
         _write(results_path, state)  # after every pair: an interruption loses at most one
     ordered = [rows[f"W{w}A{a}"] for w, a in pairs if f"W{w}A{a}" in rows]
-    state.update(
-        model=args.model,
-        dataset=args.dataset,
-        images=len(labels),
-        float_checkpoint=str(ckpt),
-        float_acc=float_acc,
-        rows=ordered,
-    )
+    state["rows"] = ordered
     _write(results_path, state)
     (out / "sweep.md").write_text(markdown_table(ordered, args.model, args.dataset, len(labels)))
     plot(ordered, out / "sweep.png", f"{args.model} on {args.dataset}")

@@ -150,6 +150,19 @@ class RunArgs:
     save_program: bool = True
 
 
+def digits_args(**overrides) -> RunArgs:
+    """RunArgs for the embedded digits data (the demo's settings; tests start from them too)."""
+    base = dict(
+        model="digits_cnn",
+        dataset="digits",
+        batch_size=64,
+        test_batch_size=512,
+        cuda=-1,
+        progress=False,
+    )
+    return RunArgs(**{**base, **overrides})
+
+
 def _setup(args: RunArgs, dist: DistInfo | None):
     dist = dist or DistInfo()
     device = _device(args.cuda if not dist.enabled or args.cuda < 0 else dist.local_rank)

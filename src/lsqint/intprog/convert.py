@@ -283,8 +283,7 @@ def _finalize_bias(b: _Builder, layer: Node, m=None, t=None, lo=None, hi=None) -
     (m = 2^30, t = 30), which gives k for every input, exactly like the original.
     """
     weight = layer.params["weight"]
-    spec = b.tensors[layer.inputs[0]]
-    absmax = max(abs(spec.qmin), abs(spec.qmax))
+    absmax = _input_absmax(b, layer)
     bias = layer.params["bias"].astype(np.float64)
     if m is not None:
         dot = conv_acc_bound(weight, np.zeros(len(bias), np.int64), absmax)

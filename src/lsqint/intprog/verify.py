@@ -149,9 +149,7 @@ def _check_requantize(program, node):
         _fail(node, f"shift outside [{SHIFT_MIN}, {SHIFT_MAX}]")
     if acc.dtype != "int32":
         _fail(node, f"input '{acc.name}' must be an int32 accumulator")
-    if (out.qmin, out.qmax) != (node.attrs["lo"], node.attrs["hi"]) and not (
-        out.qmin <= node.attrs["lo"] <= node.attrs["hi"] <= out.qmax
-    ):
+    if not out.qmin <= node.attrs["lo"] <= node.attrs["hi"] <= out.qmax:
         _fail(node, "clamp [lo, hi] lies outside the output range")
     if acc.shape != out.shape:
         _fail(node, f"shape changes from {acc.shape} to {out.shape}")

@@ -59,8 +59,7 @@ def prepare_qat(
     gm.recompile()
     gm.lsqint_input_shape = tuple(example_input.shape[1:])
     gm.lsqint_config = config
-    with torch.no_grad():  # a dry run in eval mode would fail (uninitialized); check shapes only
-        gm.train(model.training)
+    gm.train(model.training)
     return gm
 
 
