@@ -111,14 +111,31 @@ def test_band_just_outside_range_follows_the_paper():
     assert s.grad.item() == pytest.approx(qmin + qmax + qmax + qmin)
 
 
-def test_step_size_init_is_lsq_formula():
+def test_step_size_init_lsq_is_the_paper_formula():
     x = torch.randn(8, 3, 3, 3)
-    q = LSQQuantizer(4, signed=True, per_channel=True, num_channels=8)
+    q = LSQQuantizer(4, signed=True, per_channel=True, num_channels=8, scale_init="lsq")
     q.init_from_(x)
     expected = 2 * x.abs().flatten(1).mean(1) / (7**0.5)
     torch.testing.assert_close(q.scale.data, expected)
     assert q.grad_scale.item() == pytest.approx(1 / (27 * 7) ** 0.5)
-    assert torch.equal(init_scale(x, 7, False), (2 * x.abs().mean() / 7**0.5))
+    torch.testing.assert_close(init_scale(x, -8, 7, False, "lsq"), 2 * x.abs().mean() / 7**0.5)
+
+
+def test_step_size_init_mse_is_the_best_candidate():
+    x = torch.randn(4, 300)
+    q = LSQQuantizer(3, signed=True, per_channel=True, num_channels=4)  # default: mse
+    q.init_from_(x)
+    qmin, qmax = -4, 3
+    for c in range(4):
+        reach = max(x[c].max().item() / qmax, x[c].min().item() / qmin)
+        candidates = torch.tensor([reach * k / 100 for k in range(1, 101)])
+        errs = torch.stack(
+            [(lsq_fake_quant(x[c], s, qmin, qmax, 1.0) - x[c]).square().mean() for s in candidates]
+        )
+        assert (
+            errs.min() <= ((lsq_fake_quant(x[c], q.scale[c], qmin, qmax, 1.0) - x[c]) ** 2).mean()
+        )
+        torch.testing.assert_close(q.scale[c], candidates[errs.argmin()], rtol=1e-5, atol=0)
 
 
 def test_quantizer_state_survives_save_and_load():

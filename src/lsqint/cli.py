@@ -62,6 +62,28 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
         default=8,
         help="bits of the first/last layer ('none' = same as the rest)",
     )
+    p.add_argument(
+        "--scale-init",
+        choices=("mse", "lsq"),
+        default="mse",
+        help="step-size initialization: mse (least quantization error; default) or lsq "
+        "(the paper's 2*mean|x|/sqrt(qmax), which collapses 2-bit ReLU outputs)",
+    )
+
+
+def _distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distill", action="store_true", help="knowledge distillation from a float teacher"
+    )
+    p.add_argument("--distill-t", type=float, default=4.0, help="distillation temperature")
+    p.add_argument(
+        "--distill-alpha", type=float, default=0.5, help="weight of the distillation term (0-1)"
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="float teacher checkpoint (default: the float --init, else this model's float run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     # resnet20 W4A4 (loss 0.77 -> 16 in three steps) where 0.001 trains smoothly.
     _common(p, lr=0.001, epochs=60)
     _quant_flags(p)
+    _distill_flags(p)
     p.add_argument(
         "--init",
         default=None,
-        help="float checkpoint (default: the best float "
-        "checkpoint of this model and dataset under --log-dir)",
+        help="float checkpoint, or a QAT checkpoint at other bits (progressive initialization); "
+        "default: the best float checkpoint of this model and dataset under --log-dir",
     )
 
     p = sub.add_parser("infer", help="integer-only evaluation (seed: q_inference.py)")

@@ -20,6 +20,7 @@ from .intprog import IntProgram, convert
 from .intprog.artifact import float_state_bytes, program_num_params, save
 from .models import create_model
 from .qat import QuantConfig, calibrate_, prepare_qat
+from .qat.modules import QuantConv2d, QuantLinear
 from .runtime import CompiledProgram, run
 from .train import (
     CheckpointError,
@@ -29,6 +30,7 @@ from .train import (
     load_checkpoint,
 )
 from .train.checkpoint import check_compatible
+from .train.distill import DistillLoss
 
 PROGRAM_FILE = "best.intprog.safetensors"
 
@@ -136,6 +138,11 @@ class RunArgs:
     a_num_bits: int = 4
     per_channel: bool = True
     first_last_bits: int | None = 8
+    scale_init: str = "mse"
+    distill: bool = False
+    distill_t: float = 4.0
+    distill_alpha: float = 0.5
+    teacher: str | None = None
     resume: bool = False
     image_size: int | None = None
     num_classes: int | None = None
@@ -245,20 +252,31 @@ def default_float_checkpoint(args: RunArgs) -> Path:
 
 def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     """`lsqint qat`: fold BN, insert quantizers, calibrate on the first batch, train; the best
-    checkpoint's integer program is saved next to it."""
+    checkpoint's integer program is saved next to it.
+
+    ``--init`` is a float checkpoint, or a QAT checkpoint of the same model at other bits
+    (progressive initialization, APoT's 32 -> 4 -> 3 -> 2 bits): its trained, BN-folded weights
+    and biases are kept, every step size is initialized anew for the new bits."""
     config = QuantConfig(
         weight_bits=args.w_num_bits,
         act_bits=args.a_num_bits,
         per_channel=args.per_channel,
         first_last_bits=args.first_last_bits,
+        scale_init=args.scale_init,
     )
     dist, device, data, train, val = _setup(args, dist)
     meta = model_meta(args.model, data, "qat", args.dataset, args.num_classes, config)
     float_model = build_float_model(meta)
     init = Path(args.init) if args.init else default_float_checkpoint(args)
-    if not args.resume:
+    init_state = None if args.resume and not args.distill else load_checkpoint(init)
+    qat_init = init_state is not None and init_state["meta"].get("kind") == "qat"
+    if not args.resume and not qat_init:
         _load_weights(float_model, _float_weights(init, args), init)
-    model = build_qat_model(meta, float_model).to(device)
+    model = build_qat_model(meta, float_model)
+    if not args.resume and qat_init:
+        check_compatible(init_state["meta"], init, model=args.model)
+        load_qat_weights_(model, init_state["model"], init)
+    model = model.to(device).to(memory_format=torch.channels_last)
     if not args.resume:
         first_images, _ = next(
             iter(
@@ -276,17 +294,65 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
             )
         )
         calibrate_(model, first_images)  # activation step sizes; averaged over ranks
+    criterion = None
+    if args.distill:
+        teacher_path = Path(args.teacher) if args.teacher else None
+        if teacher_path is None:
+            teacher_path = default_float_checkpoint(args) if qat_init or args.resume else init
+        teacher = build_float_model(meta)
+        _load_weights(teacher, _float_weights(teacher_path, args), teacher_path)
+        teacher = teacher.to(device).to(memory_format=torch.channels_last)
+        criterion = DistillLoss(teacher, args.distill_t, args.distill_alpha)
+        meta["distill"] = {
+            "teacher": str(teacher_path),
+            "temperature": args.distill_t,
+            "alpha": args.distill_alpha,
+        }
+    if not args.resume:
+        meta["init"] = str(init)
     out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(
         args.w_num_bits, args.a_num_bits
     )
     on_best = _save_program if args.save_program else None
     result = Trainer(
-        model, train, val, _train_config(args, out, meta), device, dist, on_best=on_best
+        model,
+        train,
+        val,
+        _train_config(args, out, meta),
+        device,
+        dist,
+        on_best=on_best,
+        criterion=criterion,
     ).fit()
     result["checkpoint"] = str(out / "best.pt")
     result["program"] = str(out / PROGRAM_FILE)
     result["model"] = model
     return result
+
+
+def load_qat_weights_(model: fx.GraphModule, weights: dict, path) -> None:
+    """Progressive initialization: copy another QAT model's BN-folded weights and biases into
+    ``model`` (same architecture, any bits) and re-initialize the weight step sizes for the new
+    bits; activation step sizes stay uninitialized, for calibration on the new grid."""
+    layers = {
+        name: m for name, m in model.named_modules() if isinstance(m, QuantConv2d | QuantLinear)
+    }
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for key in ("weight", "bias"):
+                param = getattr(layer, key)
+                source = weights.get(f"{name}.{key}")
+                if param is None:
+                    continue
+                if source is None or source.shape != param.shape:
+                    raise CheckpointError(
+                        f"QAT checkpoint {path} does not fit this model (layer {name}.{key}); "
+                        "pass a QAT checkpoint of the same --model and --num-classes"
+                    )
+                if not torch.isfinite(source).all():
+                    raise CheckpointError(f"QAT checkpoint {path} holds NaN/inf in {name}.{key}")
+                param.copy_(source)
+            layer.weight_quantizer.init_from_(layer.weight)
 
 
 def _save_program(model: fx.GraphModule, out: Path, meta: dict[str, Any]) -> None:

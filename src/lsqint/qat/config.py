@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..quant.lsq import SCALE_INITS
 from ..quant.ranges import check_bits
 
 _OVERRIDE_KEYS = ("weight_bits", "act_bits")
@@ -23,6 +24,9 @@ class QuantConfig:
     first_last_bits: bits of the first layer's weights and of the last layer's weights and input
         activation (the LSQ paper keeps them at 8); None = the same as the rest.
     input_bits: bits of the quantized network input (after normalization; signed).
+    scale_init: how step sizes start: ``"mse"`` (the step size with the smallest quantization
+        error, the default) or ``"lsq"`` (the paper's ``2 mean|x| / sqrt(qmax)``, which collapses
+        sparse ReLU outputs at 2 bits; see ``quant.lsq.init_scale``).
     overrides: module-name pattern (fnmatch, e.g. ``"layers.2.*"``) -> ``{"weight_bits": b,
         "act_bits": b}``; act_bits applies to the activation a matching layer produces.
         The last matching pattern wins.
@@ -36,6 +40,7 @@ class QuantConfig:
     per_channel: bool = True
     first_last_bits: int | None = 8
     input_bits: int = 8
+    scale_init: str = "mse"
     overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -44,6 +49,10 @@ class QuantConfig:
         check_bits(self.input_bits, "input_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(
+                f"scale_init={self.scale_init!r} is unknown; use one of {', '.join(SCALE_INITS)}"
+            )
         if not isinstance(self.per_channel, bool):
             raise TypeError(f"per_channel must be True or False, got {self.per_channel!r}")
         if not isinstance(self.overrides, Mapping):

@@ -165,6 +165,7 @@ def insert_weight_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
             signed=True,
             per_channel=config.per_channel,
             num_channels=channels if config.per_channel else 1,
+            scale_init=config.scale_init,
         )
         quantizer.init_from_(layer.weight)
         quantizer.to(layer.weight.device)
@@ -211,7 +212,11 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
                 bits = config.first_last_bits
             name = node.target if node.op == "call_module" else node.name
             bits = config.override_for(name, "act_bits") or bits
-        quantizer = LSQQuantizer(bits, signed=act is None and not _non_negative(gm, node, kind))
+        quantizer = LSQQuantizer(
+            bits,
+            signed=act is None and not _non_negative(gm, node, kind),
+            scale_init=config.scale_init,
+        )
         qname = f"act_quant_{count}"
         count += 1
         gm.add_submodule(qname, quantizer)

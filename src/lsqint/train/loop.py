@@ -91,7 +91,9 @@ class Trainer:
         device: torch.device,
         dist_info: DistInfo | None = None,
         on_best=None,
+        criterion=None,
     ) -> None:
+        """``criterion(logits, labels, images) -> loss`` replaces cross-entropy (distillation)."""
         self.model = model
         self.train_loader, self.val_loader = train_loader, val_loader
         self.cfg = cfg
@@ -99,6 +101,7 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.out = Path(cfg.out_dir)
         self.on_best = on_best
+        self.criterion = criterion
         self.net = model
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
@@ -207,7 +210,10 @@ class Trainer:
                 break
             with torch.autocast(self.device.type, enabled=amp):
                 logits = self.net(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels)
+                if self.criterion is None:
+                    loss = nn.functional.cross_entropy(logits.float(), labels)
+                else:
+                    loss = self.criterion(logits, labels, images)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "

@@ -1,0 +1,148 @@
+"""Low-bit training: the W2A2 collapse (step-size initialization), distillation, progressive
+initialization."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_bn_
+from lsqint import QuantConfig, prepare_qat
+from lsqint.models import create_model
+from lsqint.qat import calibrate_
+from lsqint.quant import LSQQuantizer, code_range, init_scale, lsq_fake_quant
+from lsqint.train.distill import distill_loss
+
+
+def _sparse_relu_output(seed=0, zeros=0.93, n=50_000):
+    """Like resnet20's last ReLU on CIFAR-10 (measured: 93.5 % zeros): a ReLU after a strongly
+    negative bias, so the values that pass are few and well away from zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = 1.0 + 2.0 * torch.rand(n, generator=g)
+    x[torch.rand(n, generator=g) < zeros] = 0.0
+    return x
+
+
+def _clipped_share(x, scale, qmax):
+    positive = x > 0
+    return float((x[positive] / scale > qmax + 0.5).float().mean())
+
+
+def test_lsq_init_clips_every_nonzero_value_of_a_sparse_relu_at_2_bits_mse_does_not():
+    x = _sparse_relu_output()
+    qmin, qmax = code_range(2, signed=False)
+    lsq = init_scale(x, qmin, qmax, per_channel=False, method="lsq")
+    mse = init_scale(x, qmin, qmax, per_channel=False, method="mse")
+    # The paper's formula: 2 * mean|x| / sqrt(3) ~ 0.16 here: every non-zero value saturates.
+    assert _clipped_share(x, lsq, qmax) > 0.95
+    assert _clipped_share(x, mse, qmax) < 0.2
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (2, False), (3, True), (4, False), (8, True)])
+def test_mse_init_has_no_larger_error_than_lsq_init(bits, signed):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 200, generator=g) * torch.rand(16, 1, generator=g)
+    if not signed:
+        x = x.clamp_min(0)
+    qmin, qmax = code_range(bits, signed)
+    for per_channel in (True, False):
+        errs = {}
+        for method in ("lsq", "mse"):
+            s = init_scale(x, qmin, qmax, per_channel, method)
+            xq = lsq_fake_quant(x, s, qmin, qmax, 1.0)
+            err = (xq - x).square()
+            errs[method] = err.flatten(1).mean(1) if per_channel else err.mean()
+        # Per step size: the search picks the best of 100 candidates; allow the grid's resolution.
+        assert (errs["mse"] <= errs["lsq"] * 1.02 + 1e-12).all()
+
+
+def _gradient_through_2bit_relu_quantizer(scale_init: str) -> float:
+    """Share of the non-zero (ReLU-passed) inputs of a 2-bit quantizer that get a gradient."""
+    x = _sparse_relu_output().view(10, -1).requires_grad_(True)
+    q = LSQQuantizer(2, signed=False, scale_init=scale_init).train()
+    q(x).sum().backward()
+    positive = x.detach() > 0
+    return float((x.grad[positive] != 0).float().mean())
+
+
+def test_the_collapse_the_lsq_init_zeroes_every_gradient_below_a_sparse_relu():
+    """The W2A2 CIFAR-10 collapse in one quantizer: with the paper's init no value that passed
+    the ReLU gets a gradient (the ReLU blocks the rest), so nothing below it trains."""
+    assert _gradient_through_2bit_relu_quantizer("lsq") == 0.0
+    assert _gradient_through_2bit_relu_quantizer("mse") > 0.8
+
+
+def test_w2a2_resnet_gradient_reaches_every_layer():
+    torch.manual_seed(0)
+    model = randomize_bn_(create_model("resnet20", 10, 16), 0).eval()
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(weight_bits=2, act_bits=2), images)
+    calibrate_(qat, images)
+    qat.train()
+    nn.functional.cross_entropy(qat(images), torch.arange(16) % 10).backward()
+    dead = [n for n, p in qat.named_parameters() if p.grad is None or not p.grad.any()]
+    assert dead == []
+
+
+def test_quantizer_uses_its_configured_init():
+    x = _sparse_relu_output(n=4000).view(4, 1000)
+    for method in ("lsq", "mse"):
+        q = LSQQuantizer(2, signed=False, scale_init=method).train()
+        q(x)
+        assert torch.equal(q.scale.data, init_scale(x, 0, 3, False, method))
+    with pytest.raises(ValueError, match="scale"):
+        LSQQuantizer(2, signed=False, scale_init="max")
+    with pytest.raises(ValueError, match="scale_init"):
+        QuantConfig(scale_init="max")
+
+
+def test_distill_loss_mixes_label_and_teacher_terms():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(8, 10, generator=g)
+    teacher = torch.randn(8, 10, generator=g)
+    labels = torch.arange(8)
+    ce = nn.functional.cross_entropy(student, labels)
+    assert torch.equal(distill_loss(student, teacher, labels, 4.0, 0.0), ce)
+    # A student that equals its teacher has zero KL: only the label term remains.
+    assert distill_loss(teacher, teacher, labels, 4.0, 1.0).abs().item() < 1e-6
+    t = 3.0
+    p_t = torch.softmax(teacher / t, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
+    got = distill_loss(student, teacher, labels, t, 0.25)
+    torch.testing.assert_close(got, 0.75 * ce + 0.25 * t * t * kl)
+
+
+def test_qat_with_distillation_and_progressive_init(tmp_path, digits_runs):
+    """--distill trains against the float teacher; a W2A2 run initialized from the W4A4 QAT
+    checkpoint starts from its trained weights with step sizes set anew for 2 bits."""
+    from lsqint.qat.modules import QuantConv2d
+    from lsqint.train import load_checkpoint
+    from lsqint.workflow import digits_args, load_qat_model, train_qat
+
+    source = digits_runs["qat"]["checkpoint"]
+    source_model, _ = load_qat_model(source)
+    args = digits_args(
+        epochs=1,
+        lr=0.0,  # lr 0: the run keeps exactly the weights it started from
+        momentum=0.0,
+        w_num_bits=2,
+        a_num_bits=2,
+        seed=0,
+        log_dir=str(tmp_path),
+        init=source,
+        distill=True,
+        teacher=digits_runs["float"]["checkpoint"],
+        save_program=False,
+    )
+    result = train_qat(args)
+    model = result["model"]
+    for name, m in model.named_modules():
+        if isinstance(m, QuantConv2d):
+            src = source_model.get_submodule(name)
+            assert torch.equal(m.weight, src.weight)
+            if src.weight_quantizer.qrange == (-8, 7):  # not the 8-bit first layer
+                assert m.weight_quantizer.qrange == (-2, 1)
+            assert not torch.equal(m.weight_quantizer.scale, src.weight_quantizer.scale)
+    meta = load_checkpoint(result["checkpoint"])["meta"]
+    assert meta["init"] == source
+    assert meta["distill"]["teacher"] == digits_runs["float"]["checkpoint"]
+    assert result["history"][0]["train_acc"] > 0.5  # the 4-bit weights carry over
