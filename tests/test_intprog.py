@@ -151,17 +151,35 @@ def test_future_format_version_is_refused(tmp_path):
         load(path)
 
 
-def test_malformed_graph_is_refused(tmp_path):
+def _edit_graph(path, edit, resign: bool) -> None:
+    """Rewrite a program file's graph JSON; ``resign`` recomputes the digest as an adversary
+    would, so only verify() stands between the edit and a runtime."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    path = _saved(tmp_path)
+    from lsqint.intprog.artifact import _digest
+
     with safe_open(str(path), "np") as f:
         meta = f.metadata()
+    tensors = load_file(str(path))
     graph = json.loads(meta["graph"])
-    graph["nodes"][2]["inputs"] = ["does_not_exist"]
+    edit(graph)
     meta["graph"] = json.dumps(graph)
-    save_file(load_file(str(path)), str(path), metadata=meta)
+    if resign:
+        meta["sha256"] = _digest(tensors, meta["graph"])
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_graph_edit_breaks_the_checksum(tmp_path):
+    path = _saved(tmp_path)
+    _edit_graph(path, lambda g: g["nodes"][0]["attrs"].update(shift=34), resign=False)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load(path)
+
+
+def test_malformed_graph_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _edit_graph(path, lambda g: g["nodes"][2].update(inputs=["does_not_exist"]), resign=True)
     with pytest.raises(ArtifactError, match="before it is defined"):
         load(path)
 

@@ -9,15 +9,15 @@ from lsqint.quant import LSQQuantizer, code_range, init_scale, lsq_fake_quant
 
 
 def paper_reference(x, s, qmin, qmax, g):
-    """LSQ paper formulas written out directly (float64)."""
+    """LSQ paper formulas written out directly (float64): eq. 3's strict interior for s."""
     s_b = s.view(-1, *([1] * (x.dim() - 1))) if s.dim() else s
     v = x / s_b
     out = torch.clamp(torch.round(v), qmin, qmax) * s_b
     inside = (v >= qmin) & (v <= qmax)
     ds = torch.where(
-        v < qmin,
+        v <= qmin,
         torch.full_like(v, qmin),
-        torch.where(v > qmax, torch.full_like(v, qmax), torch.round(v) - v),
+        torch.where(v >= qmax, torch.full_like(v, qmax), torch.round(v) - v),
     )
     return out, inside.to(x.dtype), ds * g
 
@@ -98,6 +98,31 @@ def test_matches_pytorch_learnable_fake_quant_outside_band(bits, signed, per_cha
     (theirs * upstream * mask).sum().backward()
     assert torch.equal(xa.grad[keep], xb.grad[keep])
     torch.testing.assert_close(sa.grad.reshape(-1), sb.grad.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_step_gradient_at_exactly_qmin_and_qmax_is_the_papers(per_channel):
+    """Eq. 3: v == qmin gives qmin and v == qmax gives qmax (not round(v) - v = 0)."""
+    qmin, qmax = code_range(3, True)  # -4 .. 3
+    s = torch.tensor([0.5] if per_channel else 0.5, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[qmin * 0.5, qmax * 0.5, 0.5]], dtype=torch.float64, requires_grad=True)
+    lsq_fake_quant(x, s, qmin, qmax, 1.0).sum().backward()
+    assert s.grad.sum().item() == qmin + qmax + 0.0
+    assert torch.equal(x.grad, torch.ones(1, 3, dtype=torch.float64))  # STE: inclusive range
+    _, _, ds = paper_reference(x.detach(), s.detach(), qmin, qmax, 1.0)
+    assert ds.sum().item() == s.grad.sum().item()
+
+
+def test_trained_step_size_never_falls_below_its_floor():
+    q = LSQQuantizer(8, signed=True, per_channel=True, num_channels=3)
+    q.init_from_(torch.randn(3, 27))
+    initial = q.scale.detach().clone()
+    q.scale.data[0] = -1e-3  # what a noisy step-size gradient did to resnet20's first layer
+    q.scale.data[1] = initial[1] / 2  # allowed: above the floor
+    q.clamp_scale_()
+    assert q.scale[0].item() == pytest.approx(initial[0].item() / 32)
+    assert q.scale[1].item() == initial[1].item() / 2
+    assert q.scale[2].item() == initial[2].item()
 
 
 def test_band_just_outside_range_follows_the_paper():

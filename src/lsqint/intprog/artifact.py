@@ -2,8 +2,11 @@
 
 Weights of b < 8 bits are stored as a dense b-bit stream: code - qmin (an unsigned b-bit number)
 per weight, least significant bit first, so 4-bit weights take two per byte and 3-bit weights
-eight per three bytes. A SHA-256 over every stored tensor catches corrupted bytes that the
-safetensors container itself cannot see. Loading never unpickles.
+eight per three bytes. A SHA-256 over everything that is loaded (the format version, the graph
+JSON with its packing table and metadata, and every stored tensor) catches corrupted or edited
+bytes that the safetensors container itself cannot see; independently, ``verify`` re-derives every
+shape, range and bound from the graph. Loading never unpickles, and every malformed file raises
+``ArtifactError`` with one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .program import OPS, IntProgram, Node, TensorSpec
 from .verify import ProgramError, verify
 
 FORMAT = "lsqint-intprog"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the digest covers the graph JSON too
 
 
 class ArtifactError(ValueError):
@@ -49,8 +51,10 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (offset - (1 << (bits - 1))).astype(np.int8)
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
+def _digest(tensors: dict[str, np.ndarray], graph_json: str) -> str:
     h = hashlib.sha256()
+    h.update(f"{FORMAT}/{FORMAT_VERSION}\n".encode())
+    h.update(graph_json.encode())
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         h.update(name.encode())
@@ -80,17 +84,25 @@ def save(program: IntProgram, path: str | os.PathLike) -> int:
         "metadata": program.metadata,
         "packing": packing,
     }
+    graph_json = json.dumps(graph)
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "graph": json.dumps(graph),
-        "sha256": _digest(tensors),
+        "graph": graph_json,
+        "sha256": _digest(tensors, graph_json),
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # like torch.save's checkpoints, not mkstemp's 0600
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -106,7 +118,10 @@ def _read_metadata(path: Path) -> dict[str, str]:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ArtifactError(f"{path}: not a safetensors file (unreadable header)") from None
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return {}
+    return meta
 
 
 def load(path: str | os.PathLike) -> IntProgram:
@@ -130,40 +145,74 @@ def load(path: str | os.PathLike) -> IntProgram:
         )
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+    except Exception as err:  # safetensors raises several types for damaged files
         raise ArtifactError(f"{path}: corrupted or truncated program file ({err})") from None
-    if _digest(tensors) != meta.get("sha256"):
-        raise ArtifactError(f"{path}: checksum mismatch, the file is corrupted; re-save it")
-    try:
-        graph = json.loads(meta["graph"])
-        specs = {d["name"]: TensorSpec.from_json(d) for d in graph["tensors"]}
-        nodes = []
-        for d in graph["nodes"]:
-            if d["op"] not in OPS:
-                raise ArtifactError(f"{path}: unknown op {d['op']!r}")
-            params = {}
-            for key in d["params"]:
-                name = f"{d['name']}/{key}"
-                if name not in tensors:
-                    raise ArtifactError(f"{path}: tensor {name!r} is missing")
-                arr = tensors[name]
-                if name in graph["packing"]:
-                    pk = graph["packing"][name]
-                    arr = unpack_bits(arr, int(pk["bits"]), int(np.prod(pk["shape"])))
-                    arr = arr.reshape(pk["shape"])
-                params[key] = arr
-            nodes.append(Node(d["op"], d["name"], d["inputs"], d["output"], d["attrs"], params))
-        program = IntProgram(nodes, specs, graph.get("metadata", {}))
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, ArtifactError):
-            raise
+    if _digest(tensors, meta.get("graph", "")) != meta.get("sha256"):
         raise ArtifactError(
-            f"{path}: malformed program graph ({type(err).__name__}: {err})"
-        ) from None
+            f"{path}: checksum mismatch, the file is corrupted or was edited; convert again"
+        )
     try:
+        program = _parse_graph(meta["graph"], tensors)
         return verify(program)
+    except ArtifactError as err:
+        raise ArtifactError(f"{path}: {err}") from None
     except ProgramError as err:
         raise ArtifactError(f"{path}: invalid program: {err}") from None
+    except Exception as err:  # any other shape of malformed graph: one line, never a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ArtifactError(
+            f"{path}: malformed program graph ({type(err).__name__}: {first})"
+        ) from None
+
+
+def _parse_graph(graph_json: str, tensors: dict[str, np.ndarray]) -> IntProgram:
+    graph = json.loads(graph_json)
+    if not isinstance(graph, dict):
+        raise ArtifactError("malformed program graph: not a JSON object")
+    for key, kind in (("nodes", list), ("tensors", list), ("packing", dict)):
+        if not isinstance(graph.get(key), kind):
+            raise ArtifactError(f"malformed program graph: '{key}' is not a {kind.__name__}")
+    specs = {}
+    for d in graph["tensors"]:
+        spec = TensorSpec.from_json(d)
+        if spec.name in specs:
+            raise ArtifactError(f"tensor '{spec.name}' is declared twice")
+        specs[spec.name] = spec
+    packing = graph["packing"]
+    used = set()
+    nodes = []
+    for d in graph["nodes"]:
+        if d["op"] not in OPS:
+            raise ArtifactError(f"unknown op {d['op']!r}")
+        attrs = d["attrs"]
+        if not isinstance(attrs, dict) or not isinstance(d["params"], list):
+            raise ArtifactError(f"node {d['name']!r}: attrs/params malformed")
+        params = {}
+        for key in d["params"]:
+            name = f"{d['name']}/{key}"
+            if name not in tensors:
+                raise ArtifactError(f"tensor {name!r} is missing")
+            used.add(name)
+            arr = tensors[name]
+            if name in packing:
+                pk = packing[name]
+                bits, shape = pk["bits"], pk["shape"]
+                if bits != attrs.get("weight_bits") or not 2 <= bits <= 7:
+                    raise ArtifactError(f"packing of {name!r}: bits {bits!r} != the node's")
+                if not isinstance(shape, list) or not all(
+                    isinstance(v, int) and 0 < v <= 1 << 28 for v in shape
+                ):
+                    raise ArtifactError(f"packing of {name!r}: bad shape {shape!r}")
+                arr = unpack_bits(arr, bits, int(np.prod(shape))).reshape(shape)
+            params[key] = arr
+        nodes.append(Node(d["op"], d["name"], d["inputs"], d["output"], attrs, params))
+    unused = (set(tensors) | set(packing)) - used
+    if unused:
+        raise ArtifactError(f"stored tensors no node reads: {sorted(unused)[:3]}")
+    metadata = graph.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ArtifactError("'metadata' is not a JSON object")
+    return IntProgram(nodes, specs, metadata)
 
 
 def float_state_bytes(num_params: int) -> int:

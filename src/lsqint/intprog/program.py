@@ -57,12 +57,14 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        # No conversions: verify() checks every field's type, so "35" or 1.5 is refused there.
+        shape = d["shape"]
         return cls(
             d["name"],
             d["dtype"],
-            tuple(d["shape"]),
-            int(d["qmin"]),
-            int(d["qmax"]),
+            tuple(shape) if isinstance(shape, list) else shape,
+            d["qmin"],
+            d["qmax"],
             d["scale"],
             d.get("bits"),
         )

@@ -1,14 +1,27 @@
-"""verify(program): the checks between stages. Errors name the node, the op and what failed."""
+"""verify(program): the checks between stages. Errors name the node, the op and what failed.
+
+verify trusts nothing a file records that it can compute. One forward pass of shape and range
+inference re-derives every tensor's shape, dtype and code range from the node attributes, the
+integer parameters and the declared input shape, and refuses any recorded figure that differs
+(tensor specs, accumulator bounds). Attribute types and sizes are validated first, so a malformed
+graph cannot reach a runtime or make one allocate more than the input shape implies. Runtimes
+rely on the recorded bounds only because verify has recomputed them.
+"""
 
 from __future__ import annotations
+
+import math
+from numbers import Real
 
 import numpy as np
 
 from .fixedpoint import INT32_MAX, INT32_MIN, M_MAX, M_MIN, SHIFT_MAX, SHIFT_MIN
-from .program import CODE_DTYPES, OPS, TENSOR_DTYPES, IntProgram, Node
+from .program import CODE_DTYPES, OPS, TENSOR_DTYPES, IntProgram, Node, TensorSpec
 
 _DTYPE_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int32": (INT32_MIN, INT32_MAX)}
 ACC_LIMIT = 1 << 31  # |acc| must stay below 2^31 (int32)
+MAX_DIM = 1 << 16  # no tensor dimension (channels, height, width) beyond this
+MAX_ELEMENTS = 1 << 28  # elements of one image's tensor
 
 
 class ProgramError(ValueError):
@@ -25,106 +38,208 @@ def conv_acc_bound(weight_q: np.ndarray, bias_q: np.ndarray, input_absmax: int) 
     return w_abs * int(input_absmax) + np.abs(bias_q.astype(np.int64))
 
 
+# -- attribute schema ---------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_)
+
+
+def _int(node, key, lo=None, hi=None) -> int:
+    v = node.attrs[key]
+    if not _is_int(v):
+        _fail(node, f"attribute '{key}' must be an integer, got {v!r}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        _fail(node, f"attribute '{key}' = {v} outside [{lo}, {hi}]")
+    return v
+
+
+def _pair(node, key, lo, hi) -> tuple[int, int]:
+    v = node.attrs[key]
+    if not isinstance(v, list | tuple) or len(v) != 2 or not all(_is_int(x) for x in v):
+        _fail(node, f"attribute '{key}' must be two integers, got {v!r}")
+    if not all(lo <= int(x) <= hi for x in v):
+        _fail(node, f"attribute '{key}' = {list(v)} outside [{lo}, {hi}]")
+    return int(v[0]), int(v[1])
+
+
+def _check_spec_fields(spec: TensorSpec) -> None:
+    where = f"tensor '{spec.name}'"
+    if spec.dtype not in TENSOR_DTYPES:
+        raise ProgramError(f"{where}: dtype {spec.dtype!r} is not an integer dtype")
+    if not isinstance(spec.shape, tuple) or not all(_is_int(d) for d in spec.shape):
+        raise ProgramError(f"{where}: shape {spec.shape!r} is not a tuple of integers")
+    if not all(_is_int(v) for v in (spec.qmin, spec.qmax)):
+        raise ProgramError(f"{where}: code range must be integers")
+    if spec.bits is not None and (not _is_int(spec.bits) or not 2 <= spec.bits <= 8):
+        raise ProgramError(f"{where}: bits {spec.bits!r} is not 2..8")
+    if spec.scale is not None:
+        if not isinstance(spec.scale, list) or not spec.scale:
+            raise ProgramError(f"{where}: scale must be a non-empty list of numbers")
+        for s in spec.scale:
+            if not isinstance(s, Real) or isinstance(s, bool) or not math.isfinite(s) or s <= 0:
+                raise ProgramError(f"{where}: scale {s!r} is not a positive finite number")
+
+
+# -- the inference pass -------------------------------------------------------------------------
 def verify(program: IntProgram) -> IntProgram:
-    """Check dtypes, shapes, ranges, fixed-point parameters and int32 accumulator bounds."""
+    """Check attribute types, then re-derive every tensor's dtype, shape, code range and every
+    accumulator bound and refuse any recorded figure that differs; check fixed-point parameters
+    and int32/int64 safety."""
     if not program.nodes:
         raise ProgramError("empty program")
     first, last = program.nodes[0], program.nodes[-1]
     if first.op != "input" or last.op != "output":
         raise ProgramError("a program starts with an 'input' node and ends with an 'output' node")
-    for spec in program.tensors.values():
-        if spec.dtype not in TENSOR_DTYPES:
-            raise ProgramError(
-                f"tensor '{spec.name}': dtype {spec.dtype!r} is not an integer dtype"
-            )
-        lo, hi = _DTYPE_RANGE[spec.dtype]
-        if not lo <= spec.qmin <= spec.qmax <= hi:
-            raise ProgramError(
-                f"tensor '{spec.name}': range [{spec.qmin}, {spec.qmax}] does not fit {spec.dtype}"
-            )
-    defined = {first.inputs[0]}
-    if program.tensors[first.inputs[0]].dtype != "uint8":
-        raise ProgramError("the program input must be uint8 pixels")
-    for node in program.nodes:
+    for name, spec in program.tensors.items():
+        if not isinstance(spec, TensorSpec) or spec.name != name:
+            raise ProgramError(f"tensor table entry '{name}' does not describe '{name}'")
+        _check_spec_fields(spec)
+    pixels = first.inputs[0] if len(first.inputs) == 1 else None
+    if pixels not in program.tensors:
+        raise ProgramError("the input node must read one declared pixel tensor")
+    inferred: dict[str, TensorSpec] = {pixels: _check_pixels(program.tensors[pixels])}
+    for i, node in enumerate(program.nodes):
         if node.op not in OPS:
             _fail(node, f"unknown op; known ops are {sorted(OPS)}")
+        if node.op == "output" and i != len(program.nodes) - 1:
+            _fail(node, "only the last node may be the output")
         param_names, attr_names = OPS[node.op]
         if set(node.params) != set(param_names):
             _fail(node, f"params {sorted(node.params)} != expected {sorted(param_names)}")
-        missing = set(attr_names) - set(node.attrs)
-        if missing:
-            _fail(node, f"missing attributes {sorted(missing)}")
+        for key, arr in node.params.items():
+            if not isinstance(arr, np.ndarray):
+                _fail(node, f"param '{key}' is not an array")
+        if set(node.attrs) != set(attr_names):
+            _fail(node, f"attributes {sorted(node.attrs)} != expected {sorted(attr_names)}")
+        if not isinstance(node.inputs, list) or not all(isinstance(n, str) for n in node.inputs):
+            _fail(node, "inputs must be a list of tensor names")
+        arity = {"add": 2}.get(node.op, 1)
+        if len(node.inputs) != arity:
+            _fail(node, f"reads {len(node.inputs)} tensors, expected {arity}")
         for name in node.inputs:
-            if name not in defined:
+            if name not in inferred:
                 _fail(node, f"reads '{name}' before it is defined (not topological)")
         if node.op == "output":
             continue
-        if node.output in defined:
-            _fail(node, f"writes '{node.output}' twice")
+        if not isinstance(node.output, str) or node.output in inferred:
+            _fail(node, f"writes '{node.output}' twice (or an invalid name)")
         if node.output not in program.tensors:
             _fail(node, f"output tensor '{node.output}' has no TensorSpec")
-        _CHECKS[node.op](program, node)
-        defined.add(node.output)
-    out = program.tensors[last.inputs[0]]
-    if len(out.shape) != 1:
-        _fail(last, f"logits must have shape (classes,), got {out.shape}")
+        ins = [inferred[n] for n in node.inputs]
+        dtype, shape, qmin, qmax = _CHECKS[node.op](node, ins)
+        recorded = program.tensors[node.output]
+        if (recorded.dtype, recorded.shape, recorded.qmin, recorded.qmax) != (
+            dtype,
+            shape,
+            qmin,
+            qmax,
+        ):
+            _fail(
+                node,
+                f"recorded output {recorded.dtype}{list(recorded.shape)}[{recorded.qmin}, "
+                f"{recorded.qmax}] != computed {dtype}{list(shape)}[{qmin}, {qmax}]",
+            )
+        if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+            _fail(node, f"output shape {list(shape)} is too large")
+        inferred[node.output] = recorded
+    out = inferred[last.inputs[0]]
+    if len(out.shape) != 1 or out.dtype != "int32":
+        _fail(last, f"logits must be int32 of shape (classes,), got {out.dtype}{out.shape}")
+    producer = next(n for n in program.nodes if n.output == last.inputs[0])
+    if producer.op not in ("linear", "requantize", "conv2d"):
+        _fail(last, f"logits must come from a layer or its requantize, not {producer.op!r}")
+    if out.scale is None or len(out.scale) != 1:
+        _fail(last, "logits must carry one positive scale")
     return program
 
 
-def _spec(program, name):
-    return program.tensors[name]
+def _check_pixels(spec: TensorSpec) -> TensorSpec:
+    if spec.dtype != "uint8" or (spec.qmin, spec.qmax) != (0, 255):
+        raise ProgramError("the program input must be uint8 pixels in [0, 255]")
+    if len(spec.shape) != 3 or not all(1 <= d <= MAX_DIM for d in spec.shape):
+        raise ProgramError(f"the program input shape {list(spec.shape)} is not (C, H, W)")
+    if int(np.prod(spec.shape, dtype=np.int64)) > MAX_ELEMENTS:
+        raise ProgramError(f"the program input shape {list(spec.shape)} is too large")
+    return spec
 
 
 def _absmax(spec) -> int:
     return max(abs(spec.qmin), abs(spec.qmax))
 
 
-def _check_input(program, node):
+def _code_range(node, lo: int, hi: int) -> tuple[str, int, int]:
+    """dtype of a narrow code tensor in [lo, hi] (int8 when it can be negative)."""
+    if not -128 <= lo <= hi <= 255 or (lo < 0 and hi > 127):
+        _fail(node, f"code range [{lo}, {hi}] does not fit 8 bits")
+    return ("int8" if lo < 0 else "uint8"), lo, hi
+
+
+def _check_input(node, ins):
+    (x,) = ins
     a, b = node.params["a"], node.params["b"]
-    t = node.attrs["shift"]
-    out = _spec(program, node.output)
-    x = _spec(program, node.inputs[0])
+    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
+    qmin, qmax = _int(node, "qmin"), _int(node, "qmax")
     if a.dtype != np.int64 or b.dtype != np.int64 or a.shape != b.shape or a.shape != (x.shape[0],):
         _fail(node, "a, b must be int64 with one value per input channel")
-    if out.dtype not in CODE_DTYPES or (out.qmin, out.qmax) != (
-        node.attrs["qmin"],
-        node.attrs["qmax"],
-    ):
-        _fail(node, "output must be 8-bit codes with the op's [qmin, qmax]")
-    if not SHIFT_MIN <= t <= SHIFT_MAX:
-        _fail(node, f"shift {t} outside [{SHIFT_MIN}, {SHIFT_MAX}]")
+    dtype, lo, hi = _code_range(node, qmin, qmax)
     worst = 255 * int(np.abs(a).max()) + int(np.abs(b).max()) + (1 << (t - 1))
     if worst >= 1 << 63:
         _fail(node, f"p * a + b can reach {worst}, overflowing int64")
+    return dtype, x.shape, lo, hi
 
 
-def _check_layer(program, node):
+def _out_size(node, size, kernel, stride, padding, dilation, ceil_mode=False) -> int:
+    span = dilation * (kernel - 1) + 1
+    if padding > (span - 1) // 2 + (span - 1) % 2 and node.op != "conv2d":
+        _fail(node, f"padding {padding} exceeds half the window {span}")
+    if padding >= span:
+        _fail(node, f"padding {padding} is not smaller than the window {span}")
+    room = size + 2 * padding - span
+    if room < 0:
+        _fail(node, f"window {span} larger than the padded input {size + 2 * padding}")
+    if not ceil_mode:
+        return room // stride + 1
+    out = -(-room // stride) + 1
+    if (out - 1) * stride >= size + padding:  # PyTorch: no window starts in the right padding
+        out -= 1
+    return out
+
+
+def _check_layer(node, ins):
+    (x,) = ins
     w, bias = node.params["weight"], node.params["bias"]
-    x = _spec(program, node.inputs[0])
-    out = _spec(program, node.output)
-    bits = node.attrs["weight_bits"]
+    bits = _int(node, "weight_bits", 2, 8)
     wmin, wmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if w.dtype != np.int8 or bias.dtype != np.int32:
         _fail(node, f"weight must be int8 codes and bias int32, got {w.dtype} and {bias.dtype}")
-    if w.size and (w.min() < wmin or w.max() > wmax):
-        _fail(node, f"weight codes outside the {bits}-bit range [{wmin}, {wmax}]")
+    if w.size == 0 or w.min() < wmin or w.max() > wmax:
+        _fail(node, f"weight codes empty or outside the {bits}-bit range [{wmin}, {wmax}]")
     if bias.shape != (w.shape[0],):
         _fail(node, f"bias shape {bias.shape} != ({w.shape[0]},)")
     if x.dtype not in CODE_DTYPES:
         _fail(node, f"input '{x.name}' must be 8-bit codes, got {x.dtype}")
-    if out.dtype != "int32":
-        _fail(node, "accumulator output must be int32")
     if node.op == "conv2d":
-        groups = node.attrs["groups"]
-        if w.ndim != 4 or x.shape[0] != w.shape[1] * groups or w.shape[0] % groups:
+        groups = _int(node, "groups", 1, MAX_DIM)
+        stride = _pair(node, "stride", 1, MAX_DIM)
+        padding = _pair(node, "padding", 0, MAX_DIM)
+        dilation = _pair(node, "dilation", 1, MAX_DIM)
+        if len(x.shape) != 3 or w.ndim != 4:
+            _fail(node, f"conv reads (C, H, W) codes with a 4-D weight, got {x.shape}, {w.shape}")
+        if x.shape[0] != w.shape[1] * groups or w.shape[0] % groups:
             _fail(
                 node,
                 f"weight {w.shape} does not match input channels {x.shape[0]}, groups {groups}",
             )
-    elif w.ndim != 2 or x.shape != (w.shape[1],):
-        _fail(node, f"weight {w.shape} does not match input features {x.shape}")
+        shape = (w.shape[0],) + tuple(
+            _out_size(node, x.shape[1 + d], w.shape[2 + d], stride[d], padding[d], dilation[d])
+            for d in range(2)
+        )
+    else:
+        if w.ndim != 2 or x.shape != (w.shape[1],):
+            _fail(node, f"weight {w.shape} does not match input features {x.shape}")
+        shape = (w.shape[0],)
     bound = int(conv_acc_bound(w, bias, _absmax(x)).max())
-    if bound != node.attrs["acc_bound"]:
+    if _int(node, "acc_bound") != bound:
         _fail(node, f"recorded acc_bound {node.attrs['acc_bound']} != computed {bound}")
     if bound >= ACC_LIMIT:
         _fail(
@@ -132,61 +247,81 @@ def _check_layer(program, node):
             f"int32 accumulator could overflow: |acc| <= {bound} >= 2^31 "
             f"(input range [{x.qmin}, {x.qmax}], {bits}-bit weights); lower the bits",
         )
+    return "int32", shape, INT32_MIN, INT32_MAX
 
 
-def _check_requantize(program, node):
+def _check_requantize(node, ins):
+    (acc,) = ins
     m, t = node.params["m"], node.params["t"]
-    acc = _spec(program, node.inputs[0])
-    out = _spec(program, node.output)
     if m.dtype != np.int64 or t.dtype != np.int64 or m.shape != t.shape or m.ndim != 1:
         _fail(node, "m and t must be 1-D int64 arrays of the same length")
-    channels = acc.shape[0]
-    if m.shape[0] not in (1, channels):
-        _fail(node, f"{m.shape[0]} multipliers for {channels} channels")
+    if acc.dtype != "int32" or not acc.shape:
+        _fail(node, f"input '{acc.name}' must be an int32 accumulator")
+    if m.shape[0] not in (1, acc.shape[0]):
+        _fail(node, f"{m.shape[0]} multipliers for {acc.shape[0]} channels")
     if m.min() < M_MIN or m.max() > M_MAX:
         _fail(node, f"multiplier outside [2^30, 2^31): {m.min()}..{m.max()}")
     if t.min() < SHIFT_MIN or t.max() > SHIFT_MAX:
         _fail(node, f"shift outside [{SHIFT_MIN}, {SHIFT_MAX}]")
-    if acc.dtype != "int32":
-        _fail(node, f"input '{acc.name}' must be an int32 accumulator")
-    if not out.qmin <= node.attrs["lo"] <= node.attrs["hi"] <= out.qmax:
-        _fail(node, "clamp [lo, hi] lies outside the output range")
-    if acc.shape != out.shape:
-        _fail(node, f"shape changes from {acc.shape} to {out.shape}")
+    lo, hi = _int(node, "lo"), _int(node, "hi")
+    if (lo, hi) == (INT32_MIN, INT32_MAX):
+        return "int32", acc.shape, lo, hi  # logits on one scale
+    dtype, lo, hi = _code_range(node, lo, hi)
+    return dtype, acc.shape, lo, hi
 
 
-def _check_add(program, node):
-    a, b = (_spec(program, n) for n in node.inputs)
-    out = _spec(program, node.output)
-    if a.shape != b.shape or a.shape != out.shape:
-        _fail(node, f"shapes differ: {a.shape} + {b.shape} -> {out.shape}")
+def _check_add(node, ins):
+    a, b = ins
+    if a.shape != b.shape:
+        _fail(node, f"shapes differ: {a.shape} + {b.shape}")
     if a.dtype not in CODE_DTYPES or b.dtype not in CODE_DTYPES:
         _fail(node, "add reads 8-bit codes")
-    t = node.attrs["shift"]
-    if not SHIFT_MIN <= t <= SHIFT_MAX:
-        _fail(node, f"shift {t} outside [{SHIFT_MIN}, {SHIFT_MAX}]")
-    worst = (
-        _absmax(a) * abs(node.attrs["m_a"]) + _absmax(b) * abs(node.attrs["m_b"]) + (1 << (t - 1))
-    )
+    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
+    m_a, m_b = _int(node, "m_a"), _int(node, "m_b")
+    worst = _absmax(a) * abs(m_a) + _absmax(b) * abs(m_b) + (1 << (t - 1))
     if worst >= 1 << 63:
         _fail(node, f"a * m_a + b * m_b can reach {worst}, overflowing int64")
+    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
+    return dtype, a.shape, lo, hi
 
 
-def _check_pool(program, node):
-    x = _spec(program, node.inputs[0])
+def _pool_shape(node, x, dilation, ceil_mode):
     if x.dtype not in CODE_DTYPES or len(x.shape) != 3:
         _fail(node, f"pooling reads (C, H, W) 8-bit codes, got {x.dtype}{x.shape}")
-    if node.op == "avgpool2d":
-        kh, kw = node.attrs["kernel"]
-        bound = kh * kw * _absmax(x)
-        if bound != node.attrs["acc_bound"] or bound >= ACC_LIMIT:
-            _fail(node, f"window-sum bound {bound} is wrong or overflows int32")
+    kernel = _pair(node, "kernel", 1, MAX_DIM)
+    stride = _pair(node, "stride", 1, MAX_DIM)
+    padding = _pair(node, "padding", 0, MAX_DIM)
+    size = tuple(
+        _out_size(
+            node, x.shape[1 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode
+        )
+        for d in range(2)
+    )
+    return kernel, (x.shape[0], *size)
 
 
-def _check_flatten(program, node):
-    x, out = _spec(program, node.inputs[0]), _spec(program, node.output)
-    if int(np.prod(x.shape)) != int(np.prod(out.shape)) or len(out.shape) != 1:
-        _fail(node, f"flatten {x.shape} -> {out.shape}")
+def _check_maxpool(node, ins):
+    (x,) = ins
+    dilation = _pair(node, "dilation", 1, MAX_DIM)
+    ceil_mode = node.attrs["ceil_mode"]
+    if not isinstance(ceil_mode, bool):
+        _fail(node, f"attribute 'ceil_mode' must be true or false, got {ceil_mode!r}")
+    _, shape = _pool_shape(node, x, dilation, ceil_mode)
+    return x.dtype, shape, x.qmin, x.qmax
+
+
+def _check_avgpool(node, ins):
+    (x,) = ins
+    (kh, kw), shape = _pool_shape(node, x, (1, 1), False)
+    bound = kh * kw * _absmax(x)
+    if _int(node, "acc_bound") != bound or bound >= ACC_LIMIT:
+        _fail(node, f"window-sum bound {node.attrs['acc_bound']} != computed {bound} or overflows")
+    return "int32", shape, INT32_MIN, INT32_MAX
+
+
+def _check_flatten(node, ins):
+    (x,) = ins
+    return x.dtype, (int(np.prod(x.shape, dtype=np.int64)),), x.qmin, x.qmax
 
 
 _CHECKS = {
@@ -195,7 +330,7 @@ _CHECKS = {
     "linear": _check_layer,
     "requantize": _check_requantize,
     "add": _check_add,
-    "maxpool2d": _check_pool,
-    "avgpool2d": _check_pool,
+    "maxpool2d": _check_maxpool,
+    "avgpool2d": _check_avgpool,
     "flatten": _check_flatten,
 }

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..quant import LSQQuantizer
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
 
@@ -102,6 +103,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.on_best = on_best
         self.criterion = criterion
+        self.quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
         self.net = model
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
@@ -224,6 +226,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            for q in self.quantizers:
+                q.clamp_scale_()
             self.scheduler.step()
             n = labels.numel()
             loss_sum += loss.item() * n
