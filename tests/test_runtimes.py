@@ -60,11 +60,34 @@ def test_program_takes_only_uint8_images():
 
 def test_printer_is_stable_and_lists_every_node():
     _, program, _ = random_qat_program("digits_cnn", QuantConfig(), seed=0)
+    _, again, _ = random_qat_program("digits_cnn", QuantConfig(), seed=0)
     text = format_program(program)
-    assert text == str(program)
+    assert text == format_program(again)  # the same program prints the same text
     assert text.count("\n") == len(program.nodes)
     for op in ("input", "conv2d", "requantize", "maxpool2d", "avgpool2d", "flatten", "linear"):
         assert f"= {op}" in text
+
+
+@pytest.mark.parametrize("batch", [1, 15, 16, 17, 33])
+def test_torch_runtime_exact_whatever_convolution_backend(batch):
+    """With oneDNN off PyTorch picks NNPACK (Winograd/FFT, not exact) at batch >= 16; the
+    runtime turns NNPACK off, so every batch size stays == the reference."""
+    _, program, _ = random_qat_program("resnet20", QuantConfig(4, 4), seed=5, image_size=8)
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 3, 8, 8), dtype=np.uint8)
+    expected = run(program, images, runtime="reference")
+    for mkldnn in (False, True):
+        with torch.backends.mkldnn.flags(enabled=mkldnn):
+            assert np.array_equal(run(program, images, runtime="torch"), expected), mkldnn
+
+
+def test_empty_batch_and_any_numpy_layout():
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=2, batch=4)
+    names = ["reference", "torch"] + (["onnx"] if _has_onnxruntime() else [])
+    for name in names:
+        got = run(program, images.numpy()[:0], runtime=name)
+        assert got.shape == (0, 10) and got.dtype == np.int32
+    flipped = images.numpy()[::-1, :, ::-1]  # negative strides
+    assert_runtimes_agree(program, flipped, runtimes=names)
 
 
 @pytest.mark.gpu

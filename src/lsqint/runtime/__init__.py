@@ -28,7 +28,7 @@ def register_runtime(name: str):
 
 @register_runtime("reference")
 def _reference(program: IntProgram, images, **_options) -> np.ndarray:
-    return run_reference(program, images)
+    return run_reference(program, np.ascontiguousarray(images))
 
 
 @register_runtime("torch")
@@ -65,7 +65,10 @@ def run(program: IntProgram, images, runtime: str = "reference", **options) -> n
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
-    return RUNTIMES[runtime](program, _as_uint8_images(images, program), **options)
+    images = _as_uint8_images(images, program)
+    if images.shape[0] == 0:  # every runtime: an empty batch has no logits
+        return np.zeros((0, program.num_classes()), np.int32)
+    return RUNTIMES[runtime](program, images, **options)
 
 
 __all__ = ["RUNTIMES", "CompiledProgram", "register_runtime", "run", "run_reference"]

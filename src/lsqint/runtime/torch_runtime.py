@@ -269,8 +269,11 @@ class CompiledProgram:
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        x = x.to(self.device)
+        if not torch.is_tensor(images):
+            images = np.ascontiguousarray(images)  # any numpy layout (negative strides too)
+        x = torch.as_tensor(images).to(self.device)
+        if x.shape[0] == 0:
+            return np.zeros((0, self.program.num_classes()), np.int32)
         if x.dim() == 4:
             # NHWC is oneDNN's and cuDNN's native conv layout; every op here preserves it.
             x = x.contiguous(memory_format=torch.channels_last)
@@ -281,8 +284,16 @@ class CompiledProgram:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-            for node, fn in self.steps:
-                env[node.output] = fn(*(env[name] for name in node.inputs))
+            # Float convolution is exact in any summation order, not under Winograd or FFT
+            # transforms: NNPACK (PyTorch's CPU choice when oneDNN is off, batch >= 16) and
+            # cuDNN may pick those, so both are off here; what remains is oneDNN's direct and
+            # GEMM convolutions on CPU, and im2col + GEMM on CUDA.
+            with (
+                torch.backends.nnpack.flags(enabled=False),
+                torch.backends.cudnn.flags(enabled=False, allow_tf32=False),
+            ):
+                for node, fn in self.steps:
+                    env[node.output] = fn(*(env[name] for name in node.inputs))
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
