@@ -109,9 +109,7 @@ def _mutate(src, dst, rng: random.Random, resign: bool) -> str:
         tensors[name] = arr
     else:
         leaves = [
-            (p, v)
-            for p, v in _leaves(graph)
-            if p and not (resign and p[-1] in SEMANTIC_CONSTANTS)
+            (p, v) for p, v in _leaves(graph) if p and not (resign and p[-1] in SEMANTIC_CONSTANTS)
         ]
         path, value = rng.choice(leaves)
         names = [t["name"] for t in graph["tensors"]]

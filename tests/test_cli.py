@@ -223,10 +223,38 @@ def test_nan_loss_stops_cleanly_and_keeps_the_good_checkpoint(tmp_path):
     assert main(["train", *DIGITS, *log, "-e", "1", "--lr", "0.05"]) == 0
     best = tmp_path / "digits_digits_cnn" / "float" / "best.pt"
     before = best.read_bytes()
-    r = lsqint("train", *DIGITS, *log, "-e", "2", "--lr", "1e30", "--momentum", "0")
+    r = lsqint("train", *DIGITS, *log, "-e", "2", "--lr", "1e30", "--momentum", "0", "--overwrite")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "loss became nan" in r.stderr.lower() or "loss became inf" in r.stderr.lower()
     assert best.read_bytes() == before
+
+
+def test_a_new_run_never_replaces_earlier_work_without_overwrite(tmp_path, digits_runs):
+    import shutil
+
+    run = tmp_path / "digits_digits_cnn" / "w4a4"
+    shutil.copytree(Path(digits_runs["qat"]["checkpoint"]).parent, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = lsqint(
+        "qat", *DIGITS, "--log-dir", str(tmp_path), "--per-tensor", "-e", "1",
+        "--init", digits_runs["float"]["checkpoint"],
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "already holds a run" in r.stderr and "--overwrite" in r.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_infer_refuses_a_checkpoint_of_another_run_or_holding_nan(tmp_path, digits_runs):
+    program = digits_runs["qat"]["program"]
+    infer = ["infer", "--program", program, "--runtime", "reference", "--limit", "20"]
+    r = lsqint(*infer, "--checkpoint", digits_runs["qat8"]["checkpoint"], "--cuda", "-1")
+    assert r.returncode == 2 and "other quantization settings" in r.stderr, r.stderr
+    state = load_checkpoint(digits_runs["qat"]["checkpoint"])
+    next(v for v in state["model"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    nan_ckpt = tmp_path / "nan.pt"
+    torch.save(state, nan_ckpt)
+    r = lsqint(*infer, "--checkpoint", str(nan_ckpt), "--cuda", "-1")
+    assert r.returncode == 2 and "NaN" in r.stderr, r.stderr
 
 
 def test_infer_on_a_lone_program_file(tmp_path, digits_runs, capsys):
@@ -252,3 +280,14 @@ def test_infer_on_a_lone_program_file(tmp_path, digits_runs, capsys):
     assert "fake-quant top-1   n/a" in out and "(digits val)" in out
     row = json.loads((tmp_path / "r.json").read_text())
     assert row["images"] == 50 and row["runtime"] == "reference" and "agreement" not in row
+
+
+def test_best_checkpoint_and_its_program_carry_the_same_run_and_epoch(digits_runs):
+    from lsqint import load
+
+    meta = load_checkpoint(digits_runs["qat"]["checkpoint"])["meta"]
+    program = load(digits_runs["qat"]["program"])
+    assert len(meta["run_id"]) == 32 and meta["epoch"] >= 1
+    assert (program.metadata["run_id"], program.metadata["epoch"]) == (meta["run_id"], meta["epoch"])
+    other = load_checkpoint(digits_runs["qat8"]["checkpoint"])["meta"]
+    assert other["run_id"] != meta["run_id"]

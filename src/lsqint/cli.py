@@ -19,6 +19,21 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _at_least(lowest: int | float, kind=int):
+    """argparse type: a number >= lowest, else a one-line usage error naming the flag."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value >= lowest:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below the smallest allowed, {lowest}")
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
     p.add_argument(
@@ -28,23 +43,28 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     )
     p.add_argument("--data-root", default=None, help="dataset folder (else $CIFAR10_ROOT, ...)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing")
-    p.add_argument("-e", "--epochs", type=int, default=epochs)
-    p.add_argument("-b", "--batch-size", type=int, default=128)
-    p.add_argument("-tb", "--test-batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", "--wd", type=float, default=5e-4)
+    p.add_argument("-e", "--epochs", type=_at_least(1), default=epochs)
+    p.add_argument("-b", "--batch-size", type=_at_least(1), default=128)
+    p.add_argument("-tb", "--test-batch-size", type=_at_least(1), default=256)
+    p.add_argument("--lr", type=_at_least(0.0, float), default=lr)
+    p.add_argument("--momentum", type=_at_least(0.0, float), default=0.9)
+    p.add_argument("--weight-decay", "--wd", type=_at_least(0.0, float), default=5e-4)
     p.add_argument(
         "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt of this run")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--image-size", type=_at_least(1), default=None)
+    p.add_argument("--num-classes", type=_at_least(1), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", default="runs", help="root folder of checkpoints and logs")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (folder datasets)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--workers", type=_at_least(0), default=2, help="DataLoader workers (folder datasets)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="let a fresh run replace the run in its folder"
+    )
+    p.add_argument("--max-steps-per-epoch", type=_at_least(1), default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -123,14 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="QAT checkpoint for the fake-quant comparison (default: best.pt next to the program)",
     )
     p.add_argument("--runtime", default="torch", help="reference | torch | onnx")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument(
+        "--limit", type=_at_least(1), default=None, help="evaluate N evenly spaced images only"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
 
     p = sub.add_parser("sweep", help="float baseline + QAT at several W/A pairs, one report")
     _common(p, lr=0.1, epochs=0)
     p.add_argument("--pairs", default="8,8 4,4 3,3 2,2 4,6 6,4", help="W,A pairs")
-    p.add_argument("--float-epochs", type=int, default=200)
-    p.add_argument("--qat-epochs", type=int, default=60)
+    p.add_argument("--float-epochs", type=_at_least(1), default=200)
+    p.add_argument("--qat-epochs", type=_at_least(1), default=60)
     p.add_argument("--qat-lr", type=float, default=0.001)
     p.add_argument("--float-init", default=None, help="use this float checkpoint as the baseline")
     p.add_argument("--out", default="sweep", help="folder for runs, sweep.json/.md/.png")
@@ -143,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed ratios side by side in one run, as JSON")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=_at_least(1), default=5)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime comparison")
     p.add_argument("--json", default="bench_results/bench.json")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .data import load_data
 from .intprog.artifact import load
+from .train import CheckpointError
 from .workflow import (
     PROGRAM_FILE,
     RunArgs,
@@ -17,6 +18,23 @@ from .workflow import (
     run_dir,
     write_json,
 )
+
+
+def check_same_run(program_meta: dict, ckpt_meta: dict, program_path, ckpt_path) -> None:
+    """A program and the checkpoint it is compared with must be the same model: same quant
+    config, and (when both record it) the same run and epoch."""
+    if program_meta.get("quant") is not None and program_meta["quant"] != ckpt_meta.get("quant"):
+        raise CheckpointError(
+            f"{ckpt_path} was trained with other quantization settings than {program_path} "
+            "(bits or layout differ); pass the checkpoint of the same run with --checkpoint"
+        )
+    for key in ("run_id", "epoch"):
+        if program_meta.get(key) is not None and program_meta[key] != ckpt_meta.get(key):
+            raise CheckpointError(
+                f"{program_path} and {ckpt_path} come from different runs or epochs ({key} "
+                f"{program_meta[key]} vs {ckpt_meta.get(key)}); convert the checkpoint again or "
+                "pass the matching pair"
+            )
 
 
 def infer(
@@ -40,6 +58,7 @@ def infer(
     meta = program.metadata
     if ckpt.is_file():
         qat_model, meta = load_qat_model(ckpt)
+        check_same_run(program.metadata, meta, path, ckpt)
     dataset = args.dataset if not meta.get("dataset") else meta["dataset"]
     data = load_data(dataset, args.data_root, meta.get("image_size") or args.image_size)
     images, labels = images_and_labels(data.val, limit)

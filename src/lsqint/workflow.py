@@ -96,6 +96,11 @@ def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
         raise CheckpointError(
             f"{path} is a {meta.get('kind')} checkpoint, not a QAT one; run `lsqint qat` first"
         )
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds NaN/inf in {bad[0]}; use an earlier checkpoint (best.pt)"
+        )
     model = build_qat_model(meta)
     _load_weights(model, state["model"], path)
     return model, meta
@@ -155,6 +160,7 @@ class RunArgs:
     max_steps_per_epoch: int | None = None
     progress: bool = True
     save_program: bool = True
+    overwrite: bool = False
 
 
 def digits_args(**overrides) -> RunArgs:
@@ -216,6 +222,7 @@ def _train_config(args: RunArgs, out: Path, meta) -> TrainConfig:
         log_dir=str(out / "tb"),
         progress=args.progress,
         max_steps_per_epoch=args.max_steps_per_epoch,
+        overwrite=args.overwrite,
         meta=meta,
     )
 
@@ -357,12 +364,9 @@ def load_qat_weights_(model: fx.GraphModule, weights: dict, path) -> None:
 
 def _save_program(model: fx.GraphModule, out: Path, meta: dict[str, Any]) -> None:
     program = convert(model)
-    program.metadata.update(
-        {
-            k: meta[k]
-            for k in ("model", "dataset", "num_classes", "image_size", "quant", "lsqint_version")
-        }
-    )
+    keys = ("model", "dataset", "num_classes", "image_size", "quant", "lsqint_version")
+    program.metadata.update({k: meta[k] for k in keys})
+    program.metadata.update(run_id=meta.get("run_id"), epoch=meta.get("epoch"))
     save(program, out / PROGRAM_FILE)
 
 

@@ -292,9 +292,7 @@ def _pool_shape(node, x, dilation, ceil_mode):
     stride = _pair(node, "stride", 1, MAX_DIM)
     padding = _pair(node, "padding", 0, MAX_DIM)
     size = tuple(
-        _out_size(
-            node, x.shape[1 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode
-        )
+        _out_size(node, x.shape[1 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode)
         for d in range(2)
     )
     return kernel, (x.shape[0], *size)

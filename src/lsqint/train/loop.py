@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class TrainConfig:
     log_dir: str | None = None
     progress: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests: cut every epoch short
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,6 +150,7 @@ class Trainer:
         self.best_acc = float(state["best_acc"])
         self.history = json.loads(state["history"])
         set_rng_state(state["rng"])
+        self.cfg.meta["run_id"] = state["meta"].get("run_id")  # a resumed run keeps its id
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -155,6 +158,9 @@ class Trainer:
         if self.cfg.resume:
             self.restore(last)
             self._print(f"resumed from {last} at epoch {self.epoch}")
+        else:
+            self._refuse_to_replace_a_run()
+            self.cfg.meta["run_id"] = uuid.uuid4().hex  # best.pt and its program carry it
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.cfg.log_dir:
@@ -237,13 +243,33 @@ class Trainer:
         loss_sum, correct, total = all_reduce_sum([loss_sum, correct, total], self.device)
         return {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
 
+    def _refuse_to_replace_a_run(self) -> None:
+        """A fresh run never replaces the work already in its folder without --overwrite."""
+        if self.cfg.overwrite or not self.dist.is_main:
+            return
+        for name in ("best.pt", "last.pt"):
+            if (self.out / name).is_file():
+                try:
+                    earlier = load_checkpoint(self.out / name)
+                    best = f"best val top-1 {float(earlier['best_acc']):.4f}, "
+                    best += f"{int(earlier['epoch'])} epochs"
+                except Exception:  # unreadable: still somebody's work
+                    best = "unreadable"
+                raise TrainingError(
+                    f"{self.out} already holds a run ({best}); pass --resume to continue it, "
+                    "--overwrite to replace it, or another --log-dir"
+                )
+
     def _checkpoint(self, improved: bool) -> None:
+        self.cfg.meta["epoch"] = self.epoch
         state = self.state()
-        save_checkpoint(state, self.out / "last.pt")
         if improved:
-            save_checkpoint(state, self.out / "best.pt")
+            # The program first: if convert fails, best.pt and its program stay the earlier,
+            # matching pair (both carry the run id and epoch; `lsqint infer` checks them).
             if self.on_best is not None:
                 self.on_best(self.model, self.out, self.cfg.meta)
+            save_checkpoint(state, self.out / "best.pt")
+        save_checkpoint(state, self.out / "last.pt")
         metrics = self.out / "metrics.json"
         tmp = metrics.with_suffix(".json.tmp")
         tmp.write_text(
