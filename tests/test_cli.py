@@ -288,6 +288,7 @@ def test_best_checkpoint_and_its_program_carry_the_same_run_and_epoch(digits_run
     meta = load_checkpoint(digits_runs["qat"]["checkpoint"])["meta"]
     program = load(digits_runs["qat"]["program"])
     assert len(meta["run_id"]) == 32 and meta["epoch"] >= 1
-    assert (program.metadata["run_id"], program.metadata["epoch"]) == (meta["run_id"], meta["epoch"])
+    assert program.metadata["run_id"] == meta["run_id"]
+    assert program.metadata["epoch"] == meta["epoch"]
     other = load_checkpoint(digits_runs["qat8"]["checkpoint"])["meta"]
     assert other["run_id"] != meta["run_id"]
