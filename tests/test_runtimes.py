@@ -126,3 +126,19 @@ def _has_onnxruntime() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_torch_runtime_compiles_once_per_program_and_device():
+    import pickle
+
+    import lsqint
+
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=4)
+    first = lsqint.compile(program)
+    assert lsqint.compile(program, "cpu") is first
+    expected = run(program, images.numpy())
+    assert np.array_equal(run(program, images.numpy(), runtime="torch"), expected)
+    assert lsqint.compile(program) is first  # run() used the cached compiled program
+    restored = pickle.loads(pickle.dumps(program))  # the cache is not part of the program
+    assert "_compiled" not in restored.__dict__
+    assert np.array_equal(run(restored, images.numpy(), runtime="torch"), expected)

@@ -7,6 +7,7 @@ from . import data, models  # noqa: F401  (public subpackages)
 from .intprog import IntProgram, convert, verify
 from .intprog.artifact import load, save
 from .qat import QuantConfig, prepare_qat
+from .runtime import compile_program as compile  # noqa: A004  (lsqint.compile, not the builtin)
 from .runtime import run
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "IntProgram",
     "QuantConfig",
     "__version__",
+    "compile",
     "convert",
     "export_onnx",
     "load",

@@ -117,6 +117,10 @@ class IntProgram:
     def num_classes(self) -> int:
         return int(self.output_spec.shape[-1])
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The torch runtime's compiled form (``runtime.compile_program``) is a cache, not data.
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
     def __str__(self) -> str:
         return format_program(self)
 

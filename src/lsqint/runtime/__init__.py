@@ -31,9 +31,22 @@ def _reference(program: IntProgram, images, **_options) -> np.ndarray:
     return run_reference(program, np.ascontiguousarray(images))
 
 
+def compile_program(program: IntProgram, device: str | torch.device = "cpu") -> CompiledProgram:
+    """The torch runtime's compiled form of ``program`` on ``device``, built once per program and
+    device (exactness proofs, weight conversion) and kept on the program object, so that
+    ``run(program, batch, runtime="torch")`` in a loop does not rebuild it every call. Programs
+    are not meant to be edited after ``convert``/``load``; one that is must be compiled anew
+    (``CompiledProgram(program, device)``)."""
+    cache = program.__dict__.setdefault("_compiled", {})
+    key = str(torch.device(device))
+    if key not in cache:
+        cache[key] = CompiledProgram(program, device)
+    return cache[key]
+
+
 @register_runtime("torch")
 def _torch(program: IntProgram, images, device: str = "cpu", **_options) -> np.ndarray:
-    return CompiledProgram(program, device)(images)
+    return compile_program(program, device)(images)
 
 
 @register_runtime("onnx")
@@ -71,4 +84,11 @@ def run(program: IntProgram, images, runtime: str = "reference", **options) -> n
     return RUNTIMES[runtime](program, images, **options)
 
 
-__all__ = ["RUNTIMES", "CompiledProgram", "register_runtime", "run", "run_reference"]
+__all__ = [
+    "RUNTIMES",
+    "CompiledProgram",
+    "compile_program",
+    "register_runtime",
+    "run",
+    "run_reference",
+]
