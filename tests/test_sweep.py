@@ -30,6 +30,7 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, dig
         qat_lr=0.01,
         out=tmp_path,
         float_checkpoint=digits_runs["float"]["checkpoint"],
+        progressive=True,
     )
     with pytest.raises(KeyboardInterrupt):
         sweep(ARGS, pairs, **kwargs)
@@ -38,6 +39,9 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, dig
     rows = sweep(ARGS, pairs, **kwargs)
     assert calls == [(4, 4), (3, 2), (3, 2)]  # W4A4 was not trained again
     assert [r["pair"] for r in rows] == ["W4A4", "W3A2"]
+    # progressive: W3A2 started from W4A4's QAT checkpoint, W4A4 from the float model
+    assert rows[0]["init"] == digits_runs["float"]["checkpoint"]
+    assert rows[1]["init"].endswith("w4a4/best.pt")
     assert rows[0] == saved["rows"][0]
     for r in rows:
         assert 0.5 < r["int_acc"] <= 1 and r["agreement"] >= 0.99

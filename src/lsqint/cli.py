@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reevaluate", action="store_true", help="measure finished pairs again (no retraining)"
     )
+    p.add_argument(
+        "--progressive",
+        action="store_true",
+        help="start each pair from the previous pair's QAT checkpoint when it has more bits",
+    )
     _quant_flags(p, bits=False)
+    _distill_flags(p)
 
     p = sub.add_parser("bench", help="speed ratios side by side in one run, as JSON")
     p.add_argument("--model", default="resnet20")
@@ -258,6 +264,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
             ns.float_init,
             ns.runtime,
             ns.reevaluate,
+            ns.progressive,
         )
         return 0
     if ns.command == "bench":

@@ -53,7 +53,11 @@ def sweep(
     float_checkpoint: str | None = None,
     runtime: str = "torch",
     reevaluate: bool = False,
+    progressive: bool = False,
 ) -> list[dict[str, Any]]:
+    """``progressive``: a pair starts from the QAT checkpoint of the pair before it in ``pairs``
+    when that one has at least as many weight and activation bits (32 -> 4 -> 3 -> 2), else from
+    the float model; distillation (``args.distill``) always uses the float model as teacher."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "sweep.json"
     state = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -76,8 +80,19 @@ def sweep(
         float_checkpoint=str(ckpt),
         float_acc=float_acc,
     )
+    previous = None
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
+        init = ckpt
+        if progressive and previous is not None and previous[0] >= w_bits and previous[1] >= a_bits:
+            init = previous[2]
+        previous = (
+            w_bits,
+            a_bits,
+            run_dir(base.log_dir, args.dataset, args.model)
+            / qat_dir_name(w_bits, a_bits)
+            / "best.pt",
+        )
         qat_dir = run_dir(base.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
         if key in rows:
             if reevaluate:
@@ -105,7 +120,8 @@ def sweep(
                 lr=qat_lr,
                 w_num_bits=w_bits,
                 a_num_bits=a_bits,
-                init=str(ckpt),
+                init=str(init),
+                teacher=args.teacher or str(ckpt),
                 resume=resume,
             )
         )
@@ -124,6 +140,8 @@ def sweep(
             ),
             "qat_epochs": qat_epochs,
             "qat_train_s": train_s,
+            "init": str(init),
+            "distill": bool(args.distill),
         }
         state["rows"] = list(rows.values())
         _write(results_path, state)  # after every pair: an interruption loses at most one

@@ -1,0 +1,61 @@
+"""Evaluate the low-bit runs of run.sh on CIFAR-10 val/ (5,000 images): float, fake-quant and
+integer top-1, label agreement, artifact size; writes results.json, results.md, results.png and
+copies each integer program here. Run from the repository root:
+
+    python docs/results/cifar10_resnet20_lowbit/evaluate.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from lsqint.data import load_data
+from lsqint.sweep import _evaluate, markdown_table, plot
+from lsqint.workflow import float_accuracy, images_and_labels
+
+HERE = Path(__file__).parent
+FLOAT = "../shared/models/cifar10_resnet20_float.pt"
+RUNS = Path("runs/lowbit")
+# (label, run folder, what the run is)
+CANDIDATES = [
+    ("W2A2 fix", RUNS / "abl_fix/cifar10_resnet20/w2a2", "MSE step init, from float, 2 epochs"),
+    ("W2A2 fix+KD", RUNS / "abl_kd/cifar10_resnet20/w2a2", "+ distillation, 2 epochs"),
+    ("W8A8", RUNS / "recipe/cifar10_resnet20/w8a8", "recipe: KD, from float"),
+    ("W4A4", RUNS / "recipe/cifar10_resnet20/w4a4", "recipe: KD, from float"),
+    ("W3A3", RUNS / "recipe/cifar10_resnet20/w3a3", "recipe: KD, from W4A4"),
+    ("W2A2", RUNS / "recipe/cifar10_resnet20/w2a2", "recipe: KD, from W3A3"),
+]
+
+
+def main() -> None:
+    data = load_data("cifar10", "../shared/data/cifar10")
+    images, labels = images_and_labels(data.val)
+    float_acc = float_accuracy(FLOAT, images, labels)
+    rows = []
+    for label, folder, what in CANDIDATES:
+        if not (folder / "best.pt").is_file():
+            print(f"{label}: no run at {folder}, skipped", file=sys.stderr)
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        w, a = (int(c) for c in folder.name[1:].split("a"))
+        row = {"pair": label, "w_bits": w, "a_bits": a, "run": str(folder), "what": what}
+        row.update(_evaluate(folder / "best.pt", folder / "best.intprog.safetensors", images,
+                             labels, "torch", float_acc))  # fmt: skip
+        row["epochs"] = len(metrics["epochs"])
+        row["s_per_epoch"] = [round(e["time_s"], 1) for e in metrics["epochs"]]
+        rows.append(row)
+        name = label.lower().replace(" ", "_").replace("+", "_")
+        shutil.copy(folder / "best.intprog.safetensors", HERE / f"{name}.intprog.safetensors")
+        print(json.dumps(row), flush=True)
+    (HERE / "results.json").write_text(json.dumps({"float_acc": float_acc, "rows": rows}, indent=2))
+    table = markdown_table(rows, "resnet20", "cifar10", len(labels))
+    (HERE / "results.md").write_text(table)
+    plot(rows, HERE / "results.png", "resnet20 on cifar10 (short CPU schedules)")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
