@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from lsqint.data import load_data
-from lsqint.sweep import _evaluate, markdown_table, plot
+from lsqint.sweep import _evaluate, plot
 from lsqint.workflow import float_accuracy, images_and_labels
 
 HERE = Path(__file__).parent
@@ -28,6 +28,25 @@ CANDIDATES = [
     ("W3A3", RUNS / "recipe/cifar10_resnet20/w3a3", "recipe: KD, from W4A4"),
     ("W2A2", RUNS / "recipe/cifar10_resnet20/w2a2", "recipe: KD, from W3A3"),
 ]
+
+
+def markdown_table(rows, images: int) -> str:
+    lines = [
+        f"resnet20 on cifar10 ({images} val images); top-1 in %",
+        "",
+        "| run | epochs | float | fake-quant | integer | int - float | agreement (f64 / f32) "
+        "| artifact | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pair']} ({r['what']}) | {r['epochs']} | {100 * r['float_acc']:.2f} | "
+            f"{100 * r['fakequant_acc']:.2f} | {100 * r['int_acc']:.2f} | "
+            f"{100 * (r['int_acc'] - r['float_acc']):+.2f} | {100 * r['agreement']:.2f} / "
+            f"{100 * r['agreement_f32']:.2f} | {r['artifact_bytes'] / 1024:.0f} KiB | "
+            f"{', '.join(f'{t:.0f}' for t in r['s_per_epoch'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -51,7 +70,7 @@ def main() -> None:
         shutil.copy(folder / "best.intprog.safetensors", HERE / f"{name}.intprog.safetensors")
         print(json.dumps(row), flush=True)
     (HERE / "results.json").write_text(json.dumps({"float_acc": float_acc, "rows": rows}, indent=2))
-    table = markdown_table(rows, "resnet20", "cifar10", len(labels))
+    table = markdown_table(rows, len(labels))
     (HERE / "results.md").write_text(table)
     plot(rows, HERE / "results.png", "resnet20 on cifar10 (short CPU schedules)")
     print(table)
