@@ -147,7 +147,7 @@ def test_step_size_init_lsq_is_the_paper_formula():
 
 
 def test_step_size_init_mse_is_the_best_candidate():
-    x = torch.randn(4, 300)
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
     q = LSQQuantizer(3, signed=True, per_channel=True, num_channels=4)  # default: mse
     q.init_from_(x)
     qmin, qmax = -4, 3
@@ -157,10 +157,11 @@ def test_step_size_init_mse_is_the_best_candidate():
         errs = torch.stack(
             [(lsq_fake_quant(x[c], s, qmin, qmax, 1.0) - x[c]).square().mean() for s in candidates]
         )
-        assert (
-            errs.min() <= ((lsq_fake_quant(x[c], q.scale[c], qmin, qmax, 1.0) - x[c]) ** 2).mean()
-        )
-        torch.testing.assert_close(q.scale[c], candidates[errs.argmin()], rtol=1e-5, atol=0)
+        chosen = (lsq_fake_quant(x[c], q.scale[c], qmin, qmax, 1.0) - x[c]).square().mean()
+        # The chosen step is a candidate, and no candidate has a smaller error (up to float32
+        # rounding, which may order two near-equal candidates either way).
+        assert torch.isclose(candidates, q.scale[c], rtol=1e-5, atol=0).any()
+        assert chosen <= errs.min() * (1 + 1e-5)
 
 
 def test_quantizer_state_survives_save_and_load():
