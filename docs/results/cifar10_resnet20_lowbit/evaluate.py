@@ -53,6 +53,10 @@ def main() -> None:
     data = load_data("cifar10", "../shared/data/cifar10")
     images, labels = images_and_labels(data.val)
     float_acc = float_accuracy(FLOAT, images, labels)
+    # Rows measured earlier for the same run and epoch count are kept, not measured again.
+    earlier_path = HERE / "results.json"
+    earlier = json.loads(earlier_path.read_text())["rows"] if earlier_path.is_file() else []
+    done = {(r["run"], r["epochs"]): r for r in earlier}
     rows = []
     for label, folder, what in CANDIDATES:
         if not (folder / "best.pt").is_file():
@@ -60,6 +64,9 @@ def main() -> None:
             continue
         metrics = json.loads((folder / "metrics.json").read_text())
         w, a = (int(c) for c in folder.name[1:].split("a"))
+        if (str(folder), len(metrics["epochs"])) in done:
+            rows.append(done[(str(folder), len(metrics["epochs"]))])
+            continue
         row = {"pair": label, "w_bits": w, "a_bits": a, "run": str(folder), "what": what}
         row.update(_evaluate(folder / "best.pt", folder / "best.intprog.safetensors", images,
                              labels, "torch", float_acc))  # fmt: skip
