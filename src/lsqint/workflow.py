@@ -241,8 +241,9 @@ def train_float(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     return result
 
 
-def _float_weights(path, args: RunArgs) -> dict:
-    state = load_checkpoint(path)
+def _float_weights(path, args: RunArgs, state: dict | None = None) -> dict:
+    """The weights of a float checkpoint of ``args.model`` (``state``: the already loaded file)."""
+    state = state if state is not None else load_checkpoint(path)
     meta = state["meta"]
     if meta.get("kind") != "float":
         raise CheckpointError(
@@ -278,7 +279,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     init_state = None if args.resume and not args.distill else load_checkpoint(init)
     qat_init = init_state is not None and init_state["meta"].get("kind") == "qat"
     if not args.resume and not qat_init:
-        _load_weights(float_model, _float_weights(init, args), init)
+        _load_weights(float_model, _float_weights(init, args, init_state), init)
     model = build_qat_model(meta, float_model)
     if not args.resume and qat_init:
         check_compatible(init_state["meta"], init, model=args.model)
@@ -307,7 +308,8 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         if teacher_path is None:
             teacher_path = default_float_checkpoint(args) if qat_init or args.resume else init
         teacher = build_float_model(meta)
-        _load_weights(teacher, _float_weights(teacher_path, args), teacher_path)
+        same = init_state if teacher_path == init else None  # the float --init: loaded already
+        _load_weights(teacher, _float_weights(teacher_path, args, same), teacher_path)
         teacher = teacher.to(device).to(memory_format=torch.channels_last)
         criterion = DistillLoss(teacher, args.distill_t, args.distill_alpha)
         meta["distill"] = {

@@ -190,7 +190,7 @@ def _check_input(node, ins):
 
 def _out_size(node, size, kernel, stride, padding, dilation, ceil_mode=False) -> int:
     span = dilation * (kernel - 1) + 1
-    if padding > (span - 1) // 2 + (span - 1) % 2 and node.op != "conv2d":
+    if node.op != "conv2d" and padding > span // 2:  # PyTorch's pooling rule
         _fail(node, f"padding {padding} exceeds half the window {span}")
     if padding >= span:
         _fail(node, f"padding {padding} is not smaller than the window {span}")
