@@ -12,11 +12,14 @@ from lsqint.intprog import convert
 from lsqint.models import create_model
 from lsqint.qat import calibrate_
 from lsqint.runtime import run
+from lsqint.runtime.c_runtime import c_compiler
+
+# The runtimes every differential test checks: the generated C (compiled for this host) too,
+# wherever a C compiler exists (CI's machines have one; without it the c runtime cannot run).
+DEFAULT_RUNTIMES = ("reference", "torch") + (("c",) if c_compiler() else ())
 
 
-def assert_runtimes_agree(
-    program, images, runtimes=("reference", "torch"), **options
-) -> np.ndarray:
+def assert_runtimes_agree(program, images, runtimes=DEFAULT_RUNTIMES, **options) -> np.ndarray:
     """Every runtime returns the reference's integers, compared with ==."""
     expected = run(program, images, runtime="reference")
     for name in runtimes:

@@ -9,11 +9,12 @@ from torch import nn
 import lsqint
 from conftest import assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig, convert, load, prepare_qat, save
+from lsqint.evaluation import compare, images_and_labels
 from lsqint.intprog import ProgramError, verify
 from lsqint.intprog.artifact import ArtifactError, pack_bits, unpack_bits
 from lsqint.models import Normalize
 from lsqint.qat import calibrate_
-from lsqint.workflow import compare, images_and_labels, load_qat_model
+from lsqint.runs import load_qat_model
 
 
 def test_convert_refuses_uninitialized_step_sizes():

@@ -115,8 +115,9 @@ def test_qat_with_distillation_and_progressive_init(tmp_path, digits_runs):
     """--distill trains against the float teacher; a W2A2 run initialized from the W4A4 QAT
     checkpoint starts from its trained weights with step sizes set anew for 2 bits."""
     from lsqint.qat.modules import QuantConv2d
+    from lsqint.runs import load_qat_model
     from lsqint.train import load_checkpoint
-    from lsqint.workflow import digits_args, load_qat_model, train_qat
+    from lsqint.workflow import digits_args, train_qat
 
     source = digits_runs["qat"]["checkpoint"]
     source_model, _ = load_qat_model(source)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_runtimes_agree, random_qat_program
+from conftest import DEFAULT_RUNTIMES, assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig
 from lsqint.intprog import format_program
 from lsqint.runtime import RUNTIMES, run
@@ -16,7 +16,7 @@ MODELS = ["resnet20", "tiny_vgg", "digits_cnn"]
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
-def test_reference_and_torch_agree(name, bits, per_channel):
+def test_reference_torch_and_c_agree(name, bits, per_channel):
     config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
     for seed in range(2):
         _, program, images = random_qat_program(name, config, seed=seed * 100 + bits)
@@ -82,7 +82,7 @@ def test_torch_runtime_exact_whatever_convolution_backend(batch):
 
 def test_empty_batch_and_any_numpy_layout():
     _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=2, batch=4)
-    names = ["reference", "torch"] + (["onnx"] if _has_onnxruntime() else [])
+    names = list(DEFAULT_RUNTIMES) + (["onnx"] if _has_onnxruntime() else [])
     for name in names:
         got = run(program, images.numpy()[:0], runtime=name)
         assert got.shape == (0, 10) and got.dtype == np.int32
@@ -103,15 +103,16 @@ def test_cuda_runtime_equals_reference(name, bits):
         )
 
 
-def test_runtime_registry_lists_reference_and_torch():
-    assert {"reference", "torch"} <= set(RUNTIMES)
+def test_runtime_registry_lists_reference_torch_and_c():
+    assert {"reference", "torch", "c"} <= set(RUNTIMES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_many_seeds_all_runtimes_agree(name):
     """The differential suite over many more seeds and mixed bit widths (minutes)."""
-    runtimes = ["torch"] + (["onnx"] if "onnx" in RUNTIMES and _has_onnxruntime() else [])
+    runtimes = list(DEFAULT_RUNTIMES)
+    runtimes += ["onnx"] if "onnx" in RUNTIMES and _has_onnxruntime() else []
     rng = np.random.default_rng(0)
     for seed in range(20):
         w, a = (int(b) for b in rng.integers(2, 9, 2))

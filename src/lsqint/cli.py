@@ -1,4 +1,5 @@
-"""Command line: thin argparse wrappers over lsqint.workflow (the seed project's flag names)."""
+"""Command line: thin argparse wrappers over the workflow, infer, sweep and bench modules
+(the seed project's flag names)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,13 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
         type=lambda s: None if s.lower() == "none" else int(s),
         default=8,
         help="bits of the first/last layer ('none' = same as the rest)",
+    )
+    p.add_argument(
+        "--residual-bits",
+        type=lambda s: None if s.lower() == "none" else int(s),
+        default=None,
+        help="bits of activations that only residual adds read (no layer's input; "
+        "'none' = the activation bits)",
     )
     p.add_argument(
         "--scale-init",
@@ -175,15 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime comparison")
     p.add_argument("--json", default="bench_results/bench.json")
 
-    p = sub.add_parser("export", help="integer program -> ONNX")
+    p = sub.add_parser("export", help="integer program -> ONNX, or C for microcontrollers")
     p.add_argument("--program", required=True, help="integer program file (.safetensors)")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--onnx", default=None, help="output .onnx path (formats int, qdq)")
+    p.add_argument("--out", default=None, help="output folder of NAME.h and NAME.c (format c)")
+    p.add_argument("--name", default="model", help="C identifier prefix (format c)")
     p.add_argument(
         "--format",
-        choices=("int", "qdq"),
+        choices=("int", "qdq", "c"),
         default="int",
         help="int: integer operators only, bit-exact in ONNX Runtime (default); "
-        "qdq: QuantizeLinear/DequantizeLinear around float ops (8-bit programs)",
+        "qdq: QuantizeLinear/DequantizeLinear around float ops (8-bit programs); "
+        "c: float-free C99 (NAME.h, NAME.c), bit-exact",
     )
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded digits data")
@@ -282,6 +293,20 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .intprog.artifact import load
 
         program = load(ns.program)
+        if ns.format == "c":
+            if not ns.out:
+                raise ValueError("--format c needs --out DIR (the folder for NAME.h and NAME.c)")
+            from .export.c_code import export_c
+
+            info = export_c(program, ns.out, ns.name)
+            print(
+                f"wrote {info.header} and {info.source}: weights {info.weight_bytes} bytes "
+                f"(int8 layout: {info.int8_weight_bytes}), RAM {info.arena_bytes} bytes arena "
+                f"+ {info.scratch_bytes} bytes weight row"
+            )
+            return 0
+        if not ns.onnx:
+            raise ValueError(f"--format {ns.format} needs --onnx PATH")
         if ns.format == "int":
             from .export.onnx_int import export_onnx
         else:

@@ -12,20 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_data
+from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels, write_json
 from .intprog.artifact import load
+from .runs import load_qat_model
 from .runtime import run
 from .sweep import parse_pairs
-from .workflow import (
-    artifact_sizes,
-    compare,
-    digits_args,
-    float_accuracy,
-    images_and_labels,
-    load_qat_model,
-    train_float,
-    train_qat,
-    write_json,
-)
+from .workflow import digits_args, train_float, train_qat
 
 FLOAT_EPOCHS = 40
 QAT_EPOCHS = 20

@@ -5,19 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import load_data
+from .evaluation import artifact_sizes, compare, images_and_labels, write_json
 from .intprog.artifact import load
+from .runs import PROGRAM_FILE, load_qat_model, qat_dir_name, run_dir
 from .train import CheckpointError
-from .workflow import (
-    PROGRAM_FILE,
-    RunArgs,
-    artifact_sizes,
-    compare,
-    images_and_labels,
-    load_qat_model,
-    qat_dir_name,
-    run_dir,
-    write_json,
-)
+from .workflow import RunArgs
 
 
 def check_same_run(program_meta: dict, ckpt_meta: dict, program_path, ckpt_path) -> None:

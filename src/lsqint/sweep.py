@@ -12,21 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_data
+from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels
 from .intprog.artifact import load
-from .workflow import (
-    PROGRAM_FILE,
-    RunArgs,
-    artifact_sizes,
-    compare,
-    default_float_checkpoint,
-    float_accuracy,
-    images_and_labels,
-    load_qat_model,
-    qat_dir_name,
-    run_dir,
-    train_float,
-    train_qat,
-)
+from .runs import PROGRAM_FILE, load_qat_model, qat_dir_name, run_dir
+from .workflow import RunArgs, default_float_checkpoint, train_float, train_qat
 
 DEFAULT_PAIRS = "8,8 4,4 3,3 2,2 4,6 6,4"
 

@@ -1,27 +1,31 @@
-"""The steps the command line chains: build models from checkpoint metadata, train float, QAT,
-evaluate integer programs. Each function takes plain arguments, so tests and the demo call them
-directly."""
+"""The steps the command line chains: train float, QAT (from a float or a lower-precision QAT
+checkpoint, with or without distillation), and save the best checkpoint's integer program. Each
+function takes plain arguments, so tests and the demo call them directly. Run folders and models
+rebuilt from checkpoints are in ``runs``; evaluation of programs is in ``evaluation``."""
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 
-from . import __version__
-from .data import Data, ImageSet, load_data, make_loader
-from .intprog import IntProgram, convert
-from .intprog.artifact import float_state_bytes, program_num_params, save
-from .models import create_model
-from .qat import QuantConfig, calibrate_, prepare_qat
+from .data import load_data, make_loader
+from .intprog import convert
+from .intprog.artifact import save
+from .qat import QuantConfig, calibrate_
 from .qat.modules import QuantConv2d, QuantLinear
-from .runtime import CompiledProgram, run
+from .runs import (
+    PROGRAM_FILE,
+    build_float_model,
+    build_qat_model,
+    load_weights,
+    model_meta,
+    qat_dir_name,
+    run_dir,
+)
 from .train import (
     CheckpointError,
     DistInfo,
@@ -31,90 +35,6 @@ from .train import (
 )
 from .train.checkpoint import check_compatible
 from .train.distill import DistillLoss
-
-PROGRAM_FILE = "best.intprog.safetensors"
-
-
-def run_dir(log_dir: str, dataset: str, model: str) -> Path:
-    """Where a model's runs live: <log-dir>/<dataset>_<model>/{float, w4a4, ...}."""
-    return Path(log_dir) / f"{dataset}_{model.replace(':', '-')}"
-
-
-def qat_dir_name(w_bits: int, a_bits: int) -> str:
-    return f"w{w_bits}a{a_bits}"
-
-
-def model_meta(
-    model: str,
-    data: Data,
-    kind: str,
-    dataset: str,
-    num_classes: int | None = None,
-    quant: QuantConfig | None = None,
-) -> dict[str, Any]:
-    spec = data.spec
-    return {
-        "kind": kind,
-        "model": model,
-        "dataset": dataset,
-        "num_classes": num_classes or spec.num_classes,
-        "image_size": spec.image_size,
-        "in_channels": spec.in_channels,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "quant": quant.to_dict() if quant else None,
-        "lsqint_version": __version__,
-    }
-
-
-def build_float_model(meta: dict[str, Any]) -> nn.Module:
-    return create_model(
-        meta["model"],
-        meta["num_classes"],
-        meta["image_size"],
-        meta["in_channels"],
-        meta["mean"],
-        meta["std"],
-    )
-
-
-def example_input(meta: dict[str, Any], batch: int = 2) -> torch.Tensor:
-    size = meta["image_size"]
-    return torch.zeros((batch, meta["in_channels"], size, size), dtype=torch.uint8)
-
-
-def build_qat_model(meta: dict[str, Any], float_model: nn.Module | None = None) -> fx.GraphModule:
-    float_model = float_model if float_model is not None else build_float_model(meta)
-    float_model.eval()  # BN folding uses the running statistics
-    return prepare_qat(float_model, QuantConfig.from_dict(meta["quant"]), example_input(meta))
-
-
-def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
-    state = load_checkpoint(path)
-    meta = state["meta"]
-    if meta.get("kind") != "qat":
-        raise CheckpointError(
-            f"{path} is a {meta.get('kind')} checkpoint, not a QAT one; run `lsqint qat` first"
-        )
-    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        raise CheckpointError(
-            f"checkpoint {path} holds NaN/inf in {bad[0]}; use an earlier checkpoint (best.pt)"
-        )
-    model = build_qat_model(meta)
-    _load_weights(model, state["model"], path)
-    return model, meta
-
-
-def _load_weights(model: nn.Module, weights: dict, path) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model ({first}); pass the "
-            "checkpoint of the same --model and --num-classes"
-        ) from None
 
 
 def _device(cuda: int) -> torch.device:
@@ -143,6 +63,7 @@ class RunArgs:
     a_num_bits: int = 4
     per_channel: bool = True
     first_last_bits: int | None = 8
+    residual_bits: int | None = None
     scale_init: str = "mse"
     distill: bool = False
     distill_t: float = 4.0
@@ -234,7 +155,7 @@ def train_float(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     model = build_float_model(meta).to(device).to(memory_format=torch.channels_last)
     out = run_dir(args.log_dir, args.dataset, args.model) / "float"
     if not args.resume and args.init:
-        _load_weights(model, _float_weights(args.init, args), args.init)
+        load_weights(model, _float_weights(args.init, args), args.init)
     result = Trainer(model, train, val, _train_config(args, out, meta), device, dist).fit()
     result["checkpoint"] = str(out / "best.pt")
     result["model"] = model
@@ -270,6 +191,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         act_bits=args.a_num_bits,
         per_channel=args.per_channel,
         first_last_bits=args.first_last_bits,
+        residual_bits=args.residual_bits,
         scale_init=args.scale_init,
     )
     dist, device, data, train, val = _setup(args, dist)
@@ -279,7 +201,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     init_state = None if args.resume and not args.distill else load_checkpoint(init)
     qat_init = init_state is not None and init_state["meta"].get("kind") == "qat"
     if not args.resume and not qat_init:
-        _load_weights(float_model, _float_weights(init, args, init_state), init)
+        load_weights(float_model, _float_weights(init, args, init_state), init)
     model = build_qat_model(meta, float_model)
     if not args.resume and qat_init:
         check_compatible(init_state["meta"], init, model=args.model)
@@ -309,7 +231,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
             teacher_path = default_float_checkpoint(args) if qat_init or args.resume else init
         teacher = build_float_model(meta)
         same = init_state if teacher_path == init else None  # the float --init: loaded already
-        _load_weights(teacher, _float_weights(teacher_path, args, same), teacher_path)
+        load_weights(teacher, _float_weights(teacher_path, args, same), teacher_path)
         teacher = teacher.to(device).to(memory_format=torch.channels_last)
         criterion = DistillLoss(teacher, args.distill_t, args.distill_alpha)
         meta["distill"] = {
@@ -370,129 +292,3 @@ def _save_program(model: fx.GraphModule, out: Path, meta: dict[str, Any]) -> Non
     program.metadata.update({k: meta[k] for k in keys})
     program.metadata.update(run_id=meta.get("run_id"), epoch=meta.get("epoch"))
     save(program, out / PROGRAM_FILE)
-
-
-# -- evaluation of integer programs ----------------------------------------------------------------
-def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
-    """All (or the first ``limit``) evaluation images as one uint8 tensor, with labels."""
-    if isinstance(dataset, ImageSet):
-        images, labels = dataset.images, dataset.labels
-    else:
-        n = len(dataset)
-        index = (
-            range(n)
-            if limit is None or limit >= n
-            else (torch.linspace(0, n - 1, limit).round().long().tolist())
-        )
-        pairs = [dataset[i] for i in index]
-        images = torch.stack([p[0] for p in pairs])
-        labels = torch.tensor([p[1] for p in pairs])
-        return images.contiguous(), labels
-    if limit is not None and limit < len(labels):
-        # Evenly spaced, so a class-sorted folder still gives every class.
-        pick = torch.linspace(0, len(labels) - 1, limit).round().long()
-        images, labels = images[pick], labels[pick]
-    return images.contiguous(), labels
-
-
-def integer_predictions(
-    program: IntProgram,
-    images: torch.Tensor,
-    runtime: str = "torch",
-    batch_size: int = 256,
-    device: str = "cpu",
-) -> tuple[np.ndarray, float]:
-    """(predicted labels, images/s) of an integer program over ``images``. Runtimes with a build
-    step (torch, onnx) are built once, outside the timed loop."""
-    compiled = None
-    if runtime == "torch":
-        compiled = CompiledProgram(program, device)
-    elif runtime == "onnx":
-        from .export.onnx_int import OnnxSession
-
-        compiled = OnnxSession(program)
-    preds = []
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size].numpy()
-        logits = compiled(batch) if compiled else run(program, batch, runtime=runtime)
-        preds.append(logits.argmax(1))
-    seconds = time.perf_counter() - start
-    return np.concatenate(preds), len(images) / max(seconds, 1e-9)
-
-
-@torch.no_grad()
-def fakequant_predictions(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 256, float64: bool = False
-):
-    """Predicted labels of a float or QAT model. ``float64`` evaluates a float64 copy: the QAT
-    model's arithmetic without float32 accumulation noise (see ``compare``)."""
-    if float64:
-        import copy
-
-        model = copy.deepcopy(model).double()
-    model.eval()
-    return np.concatenate(
-        [
-            model(images[i : i + batch_size]).argmax(1).numpy()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-
-
-def float_accuracy(checkpoint, images, labels) -> float:
-    """Top-1 of a float checkpoint's model on ``images``."""
-    state = load_checkpoint(checkpoint)
-    model = build_float_model(state["meta"])
-    model.load_state_dict(state["model"])
-    return float((fakequant_predictions(model, images) == labels.numpy()).mean())
-
-
-def compare(
-    program: IntProgram,
-    qat_model: nn.Module | None,
-    images,
-    labels,
-    runtime: str = "torch",
-    batch_size: int = 256,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Integer top-1, fake-quant top-1 and their label agreement on the same images.
-
-    The QAT model is evaluated twice: in float32 (as it trains; ``fakequant_acc``) and as a
-    float64 copy (``fakequant_f64_acc``). Near a rounding boundary float32 accumulation noise flips
-    codes in the QAT model itself (two float32 evaluations in different summation orders disagree
-    the same way), so ``agreement``/``flips`` compare the program with the float64 evaluation, and
-    ``agreement_f32``/``flips_f32`` with the float32 one. Both are reported."""
-    labels_np = labels.numpy()
-    int_pred, ips = integer_predictions(program, images, runtime, batch_size, device)
-    row: dict[str, Any] = {
-        "images": len(labels_np),
-        "int_acc": float((int_pred == labels_np).mean()),
-        "images_per_s": ips,
-        "runtime": runtime,
-        "device": str(device),
-    }
-    if qat_model is not None:
-        fq_pred = fakequant_predictions(qat_model, images, batch_size)
-        fq64_pred = fakequant_predictions(qat_model, images, batch_size, float64=True)
-        row["fakequant_acc"] = float((fq_pred == labels_np).mean())
-        row["fakequant_f64_acc"] = float((fq64_pred == labels_np).mean())
-        row["agreement"] = float((fq64_pred == int_pred).mean())
-        row["flips"] = int((fq64_pred != int_pred).sum())
-        row["agreement_f32"] = float((fq_pred == int_pred).mean())
-        row["flips_f32"] = int((fq_pred != int_pred).sum())
-    return row
-
-
-def artifact_sizes(program: IntProgram, path: Path) -> dict[str, int]:
-    return {
-        "artifact_bytes": path.stat().st_size,
-        "float_bytes": float_state_bytes(program_num_params(program)),
-    }
-
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))

@@ -22,3 +22,8 @@ W=$R/recipe/cifar10_resnet20
 # W8A8 (1 epoch) and the distillation-only W2A2 ablation.
 [ -f $W/w8a8/best.pt ] || qat -w 8 -a 8 -e 1 --init $FLOAT --distill --log-dir $R/recipe
 [ -f $R/abl_kd/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 2 --init $FLOAT --distill --log-dir $R/abl_kd
+
+# Session 2 (2026-11-29): a longer W2A2 schedule from the same W3A3 checkpoint, with the weight
+# decay the LSQ paper lowers at 2 bits (5e-4 -> 1e-4). Probes of 150 steps that this replaced
+# (lr 0.004 and 0.01) collapsed the last stage's ReLU quantizers to 97 % zero codes; see README.
+[ -f $R/long/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 12 --wd 1e-4 --init $W/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/long

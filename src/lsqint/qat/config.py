@@ -24,6 +24,10 @@ class QuantConfig:
     first_last_bits: bits of the first layer's weights and of the last layer's weights and input
         activation (the LSQ paper keeps them at 8); None = the same as the rest.
     input_bits: bits of the quantized network input (after normalization; signed).
+    residual_bits: bits of an activation that only residual adds read (a block's last conv or
+        its shortcut conv, BN folded, before the add). No conv or linear layer reads it, so every
+        layer's inputs and weights keep their low bit width; a signed 2-bit code (-2..1) there
+        throws away most of the residual branch. None = act_bits.
     scale_init: how step sizes start: ``"mse"`` (the step size with the smallest quantization
         error, the default) or ``"lsq"`` (the paper's ``2 mean|x| / sqrt(qmax)``, which collapses
         sparse ReLU outputs at 2 bits; see ``quant.lsq.init_scale``).
@@ -40,6 +44,7 @@ class QuantConfig:
     per_channel: bool = True
     first_last_bits: int | None = 8
     input_bits: int = 8
+    residual_bits: int | None = None
     scale_init: str = "mse"
     overrides: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
@@ -49,6 +54,8 @@ class QuantConfig:
         check_bits(self.input_bits, "input_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
+        if self.residual_bits is not None:
+            check_bits(self.residual_bits, "residual_bits")
         if self.scale_init not in SCALE_INITS:
             raise ValueError(
                 f"scale_init={self.scale_init!r} is unknown; use one of {', '.join(SCALE_INITS)}"

@@ -188,6 +188,21 @@ def _feeds_last_layer(gm: fx.GraphModule, node: fx.Node, last: fx.Node | None) -
     return _skip_pass_through(gm, last.args[0]) is _skip_pass_through(gm, node)
 
 
+def _feeds_only_adds(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when every reader of ``node`` (through pass-through ops) is a residual add."""
+    readers = list(node.users)
+    if not readers:
+        return False
+    while readers:
+        user = readers.pop()
+        kind = node_kind(gm, user)
+        if kind in PASS_THROUGH:
+            readers.extend(user.users)
+        elif kind != "add":
+            return False
+    return True
+
+
 def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
     last = last_layer(gm)
     count = 0
@@ -210,6 +225,8 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
             bits = config.act_bits
             if _feeds_last_layer(gm, end, last) and config.first_last_bits is not None:
                 bits = config.first_last_bits
+            elif config.residual_bits is not None and _feeds_only_adds(gm, end):
+                bits = config.residual_bits
             name = node.target if node.op == "call_module" else node.name
             bits = config.override_for(name, "act_bits") or bits
         quantizer = LSQQuantizer(

@@ -49,6 +49,13 @@ def _torch(program: IntProgram, images, device: str = "cpu", **_options) -> np.n
     return compile_program(program, device)(images)
 
 
+@register_runtime("c")
+def _c(program: IntProgram, images, **_options) -> np.ndarray:
+    from .c_runtime import compile_c
+
+    return compile_c(program)(images)
+
+
 @register_runtime("onnx")
 def _onnx(program: IntProgram, images, **_options) -> np.ndarray:
     from ..export.onnx_int import run_onnx

@@ -1,0 +1,490 @@
+"""Integer program -> float-free C99 for microcontrollers (`lsqint export --format c`).
+
+The generated pair ``NAME.h`` / ``NAME.c`` has one entry point,
+
+    int NAME_run(const uint8_t *pixels, int32_t *logits);
+
+for ONE image (C x H x W uint8, channel-major like the program's input) and returns 0. It uses
+only ``<stdint.h>`` and ``<string.h>``: no float or double anywhere, no malloc. Weights are
+``const`` arrays (flash) in the artifact's packed b-bit form (``artifact.pack_bits``: code +
+2^(b-1), least significant bit first), unpacked one output channel at a time into a small scratch
+row. Activations live in one static arena whose layout is planned here from tensor lifetimes
+(first fit, largest tensor first); ``NAME_ARENA_BYTES`` is the peak RAM besides the stack.
+
+Semantics are the reference runtime's, op by op (``runtime/reference.py``). The integer widths
+follow the proofs ``verify`` checks: conv/linear/avgpool accumulators fit int32 (``acc_bound``
+< 2^31), so they accumulate in int32; requantize, add and the input affine compute in int64 as
+``fixedpoint`` derives. Right shifts are written for non-negative operands only (``lq_shr``), so
+the result does not depend on how a compiler shifts negative numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..intprog.artifact import pack_bits
+from ..intprog.program import IntProgram
+from ..intprog.verify import verify
+
+C_TYPES = {"uint8": "uint8_t", "int8": "int8_t", "int32": "int32_t"}
+_ITEM_BYTES = {"uint8": 1, "int8": 1, "int32": 4}
+_ALIGN = 4
+
+# The kernels, written once; ``{X}``/``{Y}`` are the input/output element types. Each is emitted
+# only for the type combinations the program uses.
+_HELPERS = r"""
+/* floor(x / 2^t) for any sign, with right shifts of non-negative values only. */
+static inline int64_t lq_shr(int64_t x, int t) { return x >= 0 ? x >> t : ~((~x) >> t); }
+
+/* clamp(floor((x + 2^(t-1)) / 2^t), lo, hi): round half up, then saturate. */
+static inline int64_t lq_round_clamp(int64_t x, int t, int64_t lo, int64_t hi)
+{
+    int64_t y = lq_shr(x + ((int64_t)1 << (t - 1)), t);
+    return y < lo ? lo : (y > hi ? hi : y);
+}
+
+/* Unpack codes [k0, k0 + n) of a packed b-bit weight stream (code + 2^(b-1), LSB first). */
+static void lq_unpack(const uint8_t *packed, int bits, int32_t k0, int32_t n, int16_t *row)
+{
+    int32_t i;
+    if (bits == 8) {
+        for (i = 0; i < n; i++) row[i] = (int16_t)((int32_t)packed[k0 + i] - 128);
+        return;
+    }
+    for (i = 0; i < n; i++) {
+        uint32_t pos = (uint32_t)(k0 + i) * (uint32_t)bits;
+        uint32_t v = (uint32_t)packed[pos >> 3] | ((uint32_t)packed[(pos >> 3) + 1] << 8);
+        v = (v >> (pos & 7u)) & ((1u << bits) - 1u);
+        row[i] = (int16_t)((int32_t)v - (1 << (bits - 1)));
+    }
+}
+"""
+
+_KERNELS = {
+    "input": r"""
+static void lq_input(const uint8_t *x, int C, int HW, const int64_t *a, const int64_t *b,
+                     int shift, int64_t lo, int64_t hi, {Y} *y)
+{
+    int c, i;
+    for (c = 0; c < C; c++)
+        for (i = 0; i < HW; i++)
+            y[c * HW + i] =
+                ({Y})lq_round_clamp((int64_t)x[c * HW + i] * a[c] + b[c], shift, lo, hi);
+}
+""",
+    "conv2d": r"""
+static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, int bits,
+                         const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH, int KW,
+                         int SH, int SW, int PH, int PW, int DH, int DW, int groups, int16_t *row)
+{
+    int cg = C / groups, og = O / groups, o, c, ky, kx, oy, ox;
+    for (o = 0; o < O; o++) {
+        int32_t *yo = y + (int32_t)o * OH * OW;
+        const {X} *xg = x + (int32_t)(o / og) * cg * H * W;
+        lq_unpack(w, bits, (int32_t)o * cg * KH * KW, cg * KH * KW, row);
+        for (oy = 0; oy < OH * OW; oy++) yo[oy] = bias[o];
+        for (c = 0; c < cg; c++)
+            for (ky = 0; ky < KH; ky++)
+                for (kx = 0; kx < KW; kx++) {
+                    int32_t wv = row[(c * KH + ky) * KW + kx];
+                    if (wv == 0) continue;
+                    for (oy = 0; oy < OH; oy++) {
+                        int iy = oy * SH - PH + ky * DH;
+                        const {X} *xr;
+                        int32_t *yr = yo + oy * OW;
+                        if (iy < 0 || iy >= H) continue;
+                        xr = xg + ((int32_t)c * H + iy) * W;
+                        for (ox = 0; ox < OW; ox++) {
+                            int ix = ox * SW - PW + kx * DW;
+                            if (ix >= 0 && ix < W) yr[ox] += (int32_t)xr[ix] * wv;
+                        }
+                    }
+                }
+    }
+}
+""",
+    "linear": r"""
+static void lq_linear_{XN}(const {X} *x, int I, const uint8_t *w, int bits, const int32_t *bias,
+                           int32_t *y, int O, int16_t *row)
+{
+    int o, i;
+    for (o = 0; o < O; o++) {
+        int32_t acc = bias[o];
+        lq_unpack(w, bits, (int32_t)o * I, I, row);
+        for (i = 0; i < I; i++) acc += (int32_t)x[i] * row[i];
+        y[o] = acc;
+    }
+}
+""",
+    "requantize": r"""
+static void lq_requantize_{YN}(const int32_t *acc, int C, int HW, const int32_t *m,
+                               const int8_t *t, int per_channel, int64_t lo, int64_t hi, {Y} *y)
+{
+    int c, i;
+    for (c = 0; c < C; c++) {
+        int64_t mc = m[per_channel ? c : 0];
+        int tc = t[per_channel ? c : 0];
+        for (i = 0; i < HW; i++)
+            y[c * HW + i] = ({Y})lq_round_clamp((int64_t)acc[c * HW + i] * mc, tc, lo, hi);
+    }
+}
+""",
+    "add": r"""
+static void lq_add_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int64_t ma, int64_t mb,
+                                  int shift, int64_t lo, int64_t hi, {Y} *y)
+{
+    int32_t i;
+    for (i = 0; i < n; i++)
+        y[i] = ({Y})lq_round_clamp((int64_t)a[i] * ma + (int64_t)b[i] * mb, shift, lo, hi);
+}
+""",
+    "maxpool2d": r"""
+static void lq_maxpool_{XN}(const {X} *x, int C, int H, int W, {X} *y, int OH, int OW, int KH,
+                            int KW, int SH, int SW, int PH, int PW, int DH, int DW)
+{
+    int c, oy, ox, ky, kx;
+    for (c = 0; c < C; c++)
+        for (oy = 0; oy < OH; oy++)
+            for (ox = 0; ox < OW; ox++) {
+                int32_t best = INT32_MIN;
+                for (ky = 0; ky < KH; ky++) {
+                    int iy = oy * SH - PH + ky * DH;
+                    if (iy < 0 || iy >= H) continue;
+                    for (kx = 0; kx < KW; kx++) {
+                        int ix = ox * SW - PW + kx * DW;
+                        int32_t v;
+                        if (ix < 0 || ix >= W) continue;
+                        v = x[((int32_t)c * H + iy) * W + ix];
+                        if (v > best) best = v;
+                    }
+                }
+                y[((int32_t)c * OH + oy) * OW + ox] = ({X})best;
+            }
+}
+""",
+    "avgpool2d": r"""
+static void lq_avgsum_{XN}(const {X} *x, int C, int H, int W, int32_t *y, int OH, int OW, int KH,
+                           int KW, int SH, int SW, int PH, int PW)
+{
+    int c, oy, ox, ky, kx;
+    for (c = 0; c < C; c++)
+        for (oy = 0; oy < OH; oy++)
+            for (ox = 0; ox < OW; ox++) {
+                int32_t acc = 0;
+                for (ky = 0; ky < KH; ky++) {
+                    int iy = oy * SH - PH + ky;
+                    if (iy < 0 || iy >= H) continue;
+                    for (kx = 0; kx < KW; kx++) {
+                        int ix = ox * SW - PW + kx;
+                        if (ix >= 0 && ix < W) acc += x[((int32_t)c * H + iy) * W + ix];
+                    }
+                }
+                y[((int32_t)c * OH + oy) * OW + ox] = acc;
+            }
+}
+""",
+}
+
+
+_ARENA_NOTE = """\
+/* The kernels get the arena's address from a volatile pointer, so that no compiler turns their
+ * pointer arguments into constant offsets of this array: gcc 12.2 -O2 (x86-64) then dropped
+ * whole kernel calls from the entry point (interprocedural constant propagation; -fno-ipa-cp or
+ * -fno-delete-null-pointer-checks also avoided it). One load per call, no other cost. */
+"""
+
+
+class CExportError(ValueError):
+    """The program cannot be written as C (an op this generator has no kernel for)."""
+
+
+@dataclass
+class CExport:
+    """What ``export_c`` wrote and the memory it needs."""
+
+    header: Path
+    source: Path
+    name: str
+    arena_bytes: int  # activations (static arena), planned from tensor lifetimes
+    scratch_bytes: int  # one unpacked weight row (int16) for the widest layer
+    weight_bytes: int  # packed weights + biases + multipliers (const data, flash)
+    int8_weight_bytes: int  # the same weights stored one byte each (TFLite Micro's int8 layout)
+
+
+def c_identifier(name: str) -> str:
+    ident = re.sub(r"\W", "_", name)
+    if not ident or ident[0].isdigit():
+        ident = "m_" + ident
+    return ident
+
+
+def _type_name(dtype: str) -> str:
+    return {"uint8": "u8", "int8": "i8", "int32": "i32"}[dtype]
+
+
+def _array(ctype: str, name: str, values) -> str:
+    """A const C array, wrapped at about 100 columns."""
+    items = [str(int(v)) for v in np.asarray(values).ravel()] or ["0"]
+    lines, line = [], ""
+    for item in items:
+        if len(line) + len(item) > 96:
+            lines.append(line)
+            line = ""
+        line += item + ","
+    lines.append(line)
+    text = "\n  ".join(lines)
+    return f"static const {ctype} {name}[{len(items)}] = {{\n  {text}\n}};\n"
+
+
+def _int64_literal(v: int) -> str:
+    # INT64_C keeps the literal 64-bit on targets where long is 32 bits (Cortex-M).
+    return f"INT64_C({int(v)})"
+
+
+def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
+    """Byte offset of every activation tensor in one arena, and the arena's size.
+
+    A tensor lives from the node that writes it to the last node that reads it; two tensors
+    whose lifetimes overlap get disjoint bytes (an op's output never overlaps its inputs).
+    ``flatten`` writes no bytes: its output is its input's buffer (same C order)."""
+    alias: dict[str, str] = {}  # flatten output -> the tensor whose bytes it reuses
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    pixels = program.nodes[0].inputs[0]  # the caller's buffer, not the arena
+    for i, node in enumerate(program.nodes):
+        for name in node.inputs:
+            if name != pixels:
+                root = alias.get(name, name)
+                last[root] = max(last[root], i)
+        if node.op == "flatten":
+            alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
+        elif node.op != "output":
+            first[node.output] = last[node.output] = i
+    sizes = {}
+    for name in first:
+        spec = program.tensors[name]
+        size = int(np.prod(spec.shape)) * _ITEM_BYTES[spec.dtype]
+        sizes[name] = -(-size // _ALIGN) * _ALIGN
+    placed: list[tuple[int, int, int, int]] = []  # (offset, size, first, last)
+    offsets: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], first[n])):
+        lo, hi = first[name], last[name]
+        busy = sorted((o, o + s) for o, s, f, l in placed if not (l < lo or f > hi))
+        offset = 0
+        for start, end in busy:
+            if offset + sizes[name] <= start:
+                break
+            offset = max(offset, end)
+        placed.append((offset, sizes[name], lo, hi))
+        offsets[name] = offset
+    for name, root in alias.items():
+        offsets[name] = offsets[root]
+    total = max((o + s for o, s, _, _ in placed), default=0)
+    return offsets, total
+
+
+def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExport]:
+    """(header text, source text, sizes) for ``program``; ``export_c`` writes them."""
+    verify(program)
+    name = c_identifier(name)
+    upper = name.upper()
+    offsets, arena = plan_arena(program)
+    tensors = program.tensors
+    consts: list[str] = []
+    calls: list[str] = []
+    kernels: dict[str, str] = {}
+    scratch = 1
+    weight_bytes = int8_bytes = 0
+
+    def ref(tensor: str) -> str:
+        spec = tensors[tensor]
+        if tensor == program.nodes[0].inputs[0]:
+            return "pixels"
+        return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {offsets[tensor]}))"
+
+    def kernel(op: str, **types: str) -> None:
+        text = _KERNELS[op]
+        for key, dtype in types.items():
+            text = text.replace("{" + key + "N}", _type_name(dtype))
+            text = text.replace("{" + key + "}", C_TYPES[dtype])
+        key = op + "".join(f"_{types[k]}" for k in sorted(types))
+        kernels.setdefault(key, text)
+
+    for index, node in enumerate(program.nodes):
+        a, p = node.attrs, node.params
+        tag = f"n{index}"
+        out = tensors.get(node.output)
+        if node.op == "input":
+            c, h, w = tensors[node.inputs[0]].shape
+            consts.append(_int64_array(f"{tag}_a", p["a"]))
+            consts.append(_int64_array(f"{tag}_b", p["b"]))
+            kernel("input", Y=out.dtype)
+            calls.append(
+                f"lq_input(pixels, {c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, "
+                f"{_int64_literal(a['qmin'])}, {_int64_literal(a['qmax'])}, {ref(node.output)});"
+            )
+        elif node.op in ("conv2d", "linear"):
+            weight = np.asarray(p["weight"])
+            bits = int(a["weight_bits"])
+            packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
+            consts.append(_array("uint8_t", f"{tag}_w", packed.astype(np.uint8)))
+            consts.append(_array("int32_t", f"{tag}_bias", p["bias"]))
+            weight_bytes += packed.size + 4 * p["bias"].size
+            int8_bytes += weight.size + 4 * p["bias"].size
+            x = tensors[node.inputs[0]]
+            row = int(np.prod(weight.shape[1:]))
+            scratch = max(scratch, row)
+            if node.op == "conv2d":
+                kernel("conv2d", X=x.dtype)
+                cin, h, w = x.shape
+                cout, oh, ow = out.shape
+                kh, kw = weight.shape[2:]
+                calls.append(
+                    f"lq_conv_{_type_name(x.dtype)}({ref(node.inputs[0])}, {cin}, {h}, {w}, "
+                    f"{tag}_w, {bits}, {tag}_bias, {ref(node.output)}, {cout}, {oh}, {ow}, "
+                    f"{kh}, {kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, "
+                    f"{a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
+                    f"{a['groups']}, lq_row);"
+                )
+            else:
+                kernel("linear", X=x.dtype)
+                calls.append(
+                    f"lq_linear_{_type_name(x.dtype)}({ref(node.inputs[0])}, {weight.shape[1]}, "
+                    f"{tag}_w, {bits}, {tag}_bias, {ref(node.output)}, {weight.shape[0]}, lq_row);"
+                )
+        elif node.op == "requantize":
+            m = np.asarray(p["m"]).ravel()
+            t = np.asarray(p["t"]).ravel()
+            consts.append(_array("int32_t", f"{tag}_m", m))
+            consts.append(_array("int8_t", f"{tag}_t", t))
+            weight_bytes += 5 * m.size
+            int8_bytes += 5 * m.size
+            kernel("requantize", Y=out.dtype)
+            shape = out.shape
+            channels = shape[0]
+            plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            calls.append(
+                f"lq_requantize_{_type_name(out.dtype)}({ref(node.inputs[0])}, {channels}, "
+                f"{plane}, {tag}_m, {tag}_t, {int(m.size > 1)}, {_int64_literal(a['lo'])}, "
+                f"{_int64_literal(a['hi'])}, {ref(node.output)});"
+            )
+        elif node.op == "add":
+            xa, xb = (tensors[n] for n in node.inputs)
+            kernel("add", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+            calls.append(
+                f"lq_add_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
+                f"{ref(node.inputs[0])}, {ref(node.inputs[1])}, {int(np.prod(out.shape))}, "
+                f"{_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, {a['shift']}, "
+                f"{_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, {ref(node.output)});"
+            )
+        elif node.op == "maxpool2d":
+            x = tensors[node.inputs[0]]
+            kernel("maxpool2d", X=x.dtype)
+            c, h, w = x.shape
+            _, oh, ow = out.shape
+            calls.append(
+                f"lq_maxpool_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
+                f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
+                f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, "
+                f"{a['dilation'][0]}, {a['dilation'][1]});"
+            )
+        elif node.op == "avgpool2d":
+            x = tensors[node.inputs[0]]
+            kernel("avgpool2d", X=x.dtype)
+            c, h, w = x.shape
+            _, oh, ow = out.shape
+            calls.append(
+                f"lq_avgsum_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
+                f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
+                f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]});"
+            )
+        elif node.op == "flatten":
+            calls.append("/* flatten: the same bytes as its input */")
+        elif node.op == "output":
+            src = tensors[node.inputs[0]]
+            n = int(np.prod(src.shape))
+            calls.append(
+                f"for (i = 0; i < {n}; i++) logits[i] = (int32_t){ref(node.inputs[0])}[i];"
+            )
+        else:
+            raise CExportError(
+                f"node {node.name!r}: op {node.op!r} has no C kernel; export this program to "
+                "ONNX instead, or add the op to lsqint.export.c_code"
+            )
+    in_c, in_h, in_w = program.input_spec.shape
+    classes = program.num_classes()
+    header = f"""/* {name}: an lsqint integer program as C99, from `lsqint export --format c`.
+ * Integer arithmetic only: uint8 pixels in, int32 logits out. */
+#ifndef {upper}_H
+#define {upper}_H
+
+#include <stdint.h>
+
+#define {upper}_INPUT_CHANNELS {in_c}
+#define {upper}_INPUT_HEIGHT {in_h}
+#define {upper}_INPUT_WIDTH {in_w}
+#define {upper}_NUM_CLASSES {classes}
+/* Static RAM: activation arena + one unpacked weight row. */
+#define {upper}_ARENA_BYTES {arena}
+#define {upper}_SCRATCH_BYTES {2 * scratch}
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+/* One image: pixels[{in_c} * {in_h} * {in_w}] (channel, row, column) -> logits[{classes}].
+ * Returns 0. Not reentrant (one static arena). */
+int {name}_run(const uint8_t *pixels, int32_t *logits);
+
+#ifdef __cplusplus
+}}
+#endif
+#endif
+"""
+    body = "\n    ".join(calls)
+    source = (
+        f"/* Generated by lsqint from an integer program; do not edit. */\n"
+        f'#include "{name}.h"\n#include <string.h>\n\n'
+        f"static uint32_t lq_arena_words[({arena} + 3) / 4 + 1];\n"
+        + _ARENA_NOTE
+        + "static uint8_t *volatile lq_arena_base = (uint8_t *)lq_arena_words;\n"
+        f"static int16_t lq_row[{scratch}];\n"
+        + _HELPERS
+        + "".join(kernels[k] for k in sorted(kernels))
+        + "\n"
+        + "".join(consts)
+        + f"\nint {name}_run(const uint8_t *pixels, int32_t *logits)\n{{\n"
+        "    uint8_t *const lq_arena = lq_arena_base;\n    int i;\n"
+        f"    {body}\n    (void)i;\n    return 0;\n}}\n"
+    )
+    info = CExport(
+        header=Path(f"{name}.h"),
+        source=Path(f"{name}.c"),
+        name=name,
+        arena_bytes=arena,
+        scratch_bytes=2 * scratch,
+        weight_bytes=weight_bytes,
+        int8_weight_bytes=int8_bytes,
+    )
+    return header, source, info
+
+
+def _int64_array(name: str, values: np.ndarray) -> str:
+    flat = [_int64_literal(v) for v in np.asarray(values).ravel()]
+    return f"static const int64_t {name}[{len(flat)}] = {{{', '.join(flat)}}};\n"
+
+
+def export_c(program: IntProgram, out_dir: str | Path, name: str = "model") -> CExport:
+    """Write ``NAME.h`` and ``NAME.c`` for ``program`` into ``out_dir``; returns paths and sizes."""
+    header, source, info = generate_c(program, name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info.header = out / info.header
+    info.source = out / info.source
+    info.header.write_text(header)
+    info.source.write_text(source)
+    return info

@@ -1,0 +1,149 @@
+"""Build a program's generated C for an Arm Cortex-M4 and run it under qemu (no board needed).
+
+The firmware is the generated ``model.c`` plus a ``main.c`` that holds a batch of images as
+``const`` arrays, runs the model on each and prints the logits through semihosting. It is built
+with Debian's bare-metal toolchain (``apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi
+qemu-system-arm``) for ``-mcpu=cortex-m4 -mthumb`` with the soft-float ABI, linked with the
+toolchain's example startup code and linker script (memory map of qemu's ``mps2-an386`` board:
+4 MiB at 0x0, 4 MiB at 0x20000000), and run by ``qemu-system-arm -M mps2-an386 -semihosting``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..intprog.program import IntProgram
+from .c_code import export_c
+
+TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
+EXAMPLES = Path("/usr/share/doc/gcc-arm-none-eabi/examples")
+CFLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft", "-Os", "-std=c99")
+MEMORY = """MEMORY
+{
+  FLASH (rx) : ORIGIN = 0x0, LENGTH = 0x400000
+  RAM (rwx) : ORIGIN = 0x20000000, LENGTH = 0x400000
+}
+"""
+
+
+class McuToolError(RuntimeError):
+    """The Arm toolchain or qemu is missing, or building/running the firmware failed."""
+
+
+def missing_tools() -> list[str]:
+    """The tools of this module that are not installed (empty when all are)."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    for name in ("startup/startup_ARMCM4.S", "ldscripts/gcc.ld"):
+        if not (EXAMPLES / name).is_file():
+            missing.append(str(EXAMPLES / name))
+    return missing
+
+
+@dataclass
+class Firmware:
+    elf: Path
+    text_bytes: int  # code + const data (weights): flash
+    data_bytes: int  # initialized RAM (copied from flash at start)
+    bss_bytes: int  # zeroed RAM: the arena, the weight row, the C library's
+
+
+def _main_c(name: str, images: np.ndarray) -> str:
+    n = images.shape[0]
+    size = int(np.prod(images.shape[1:]))
+    rows = []
+    for image in images.reshape(n, size):
+        rows.append("  {" + ",".join(str(int(v)) for v in image) + "}")
+    return f"""#include <stdio.h>
+#include "{name}.h"
+
+static const uint8_t images[{n}][{size}] = {{
+{("," + chr(10)).join(rows)}
+}};
+
+void SystemInit(void) {{}}
+
+int main(void)
+{{
+    static int32_t logits[{name.upper()}_NUM_CLASSES];
+    int i, k;
+    for (i = 0; i < {n}; i++) {{
+        {name}_run(images[i], logits);
+        printf("logits");
+        for (k = 0; k < {name.upper()}_NUM_CLASSES; k++) printf(" %ld", (long)logits[k]);
+        printf("\\n");
+    }}
+    return 0;
+}}
+"""
+
+
+def _run(command: list[str], what: str, timeout: float) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise McuToolError(f"{what} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+        raise McuToolError(f"{what} failed: {lines[0]}")
+    return done.stdout
+
+
+def build_firmware(
+    program: IntProgram, images: np.ndarray, out_dir: str | Path, name: str = "model"
+) -> Firmware:
+    """Cross-compile ``program`` and a main that classifies ``images`` (uint8, N x C x H x W)."""
+    missing = missing_tools()
+    if missing:
+        raise McuToolError(
+            f"missing {', '.join(missing)}; install them with `apt-get install "
+            "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"
+        )
+    out = Path(out_dir)
+    info = export_c(program, out, name)
+    (out / "main.c").write_text(_main_c(info.name, np.ascontiguousarray(images, np.uint8)))
+    script = (EXAMPLES / "ldscripts/gcc.ld").read_text()
+    script = re.sub(r"MEMORY\s*\{[^}]*\}", MEMORY, script, count=1)
+    (out / "gcc.ld").write_text(script)
+    elf = out / f"{info.name}.elf"
+    command = [
+        "arm-none-eabi-gcc",
+        *CFLAGS,
+        "--specs=rdimon.specs",
+        "-D__STARTUP_CLEAR_BSS",
+        "-D__START=_start",
+        "-T",
+        str(out / "gcc.ld"),
+        str(EXAMPLES / "startup/startup_ARMCM4.S"),
+        str(out / "main.c"),
+        str(info.source),
+        "-o",
+        str(elf),
+    ]
+    _run(command, "arm-none-eabi-gcc", 300)
+    sizes = _run(["arm-none-eabi-size", str(elf)], "arm-none-eabi-size", 60).splitlines()[1]
+    text, data, bss = (int(v) for v in sizes.split()[:3])
+    return Firmware(elf, text, data, bss)
+
+
+def run_qemu(firmware: Firmware, timeout: float = 600) -> np.ndarray:
+    """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32."""
+    command = [
+        "qemu-system-arm",
+        "-M",
+        "mps2-an386",
+        "-nographic",
+        "-semihosting",
+        "-kernel",
+        str(firmware.elf),
+    ]
+    output = _run(command, "qemu-system-arm", timeout)
+    rows = [line.split()[1:] for line in output.splitlines() if line.startswith("logits")]
+    if not rows:
+        raise McuToolError(f"the firmware printed no logits: {output.strip()[:200]!r}")
+    return np.array(rows, dtype=np.int64).astype(np.int32)

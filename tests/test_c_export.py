@@ -1,0 +1,134 @@
+"""The generated C: float-free, arena plan sound, bit-exact on this host and on a Cortex-M4.
+
+The host differential tests (every bit pair, both weight layouts, three models) run the ``c``
+runtime through ``conftest.DEFAULT_RUNTIMES``; this file checks what is particular to C.
+"""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import random_qat_program
+from lsqint import QuantConfig
+from lsqint.cli import main
+from lsqint.export.c_code import export_c, generate_c, plan_arena
+from lsqint.export.mcu import build_firmware, missing_tools, run_qemu
+from lsqint.intprog.artifact import save
+from lsqint.runtime import run
+from lsqint.runtime.c_runtime import c_compiler
+
+needs_cc = pytest.mark.skipif(c_compiler() is None, reason="needs a C compiler")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_generated_code_has_no_float_no_malloc_and_only_integer_headers(bits):
+    _, program, _ = random_qat_program("resnet20", QuantConfig(bits, bits), seed=bits)
+    header, source, _ = generate_c(program, "net")
+    for text in (header, source):
+        code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)  # the words in comments do not run
+        assert not re.search(r"\b(float|double|malloc|calloc|free|math\.h)\b", code)
+        assert set(re.findall(r"#include\s*[<\"]([^>\"]+)", code)) <= {
+            "stdint.h",
+            "string.h",
+            "net.h",
+        }
+    assert "int net_run(const uint8_t *pixels, int32_t *logits);" in header
+
+
+def test_arena_plan_never_overlaps_two_live_tensors():
+    _, program, _ = random_qat_program("resnet20", QuantConfig(4, 4), seed=1)
+    offsets, total = plan_arena(program)
+    nodes = program.nodes
+    live = {}
+    for i, node in enumerate(nodes):
+        if node.op not in ("output",):
+            live.setdefault(node.output, [i, i])
+        for name in node.inputs:
+            if name in live:
+                live[name][1] = i
+    flat = {n.output for n in nodes if n.op == "flatten"}
+    sizes = {
+        name: int(np.prod(program.tensors[name].shape))
+        * {"uint8": 1, "int8": 1, "int32": 4}[program.tensors[name].dtype]
+        for name in live
+    }
+    names = [n for n in live if n not in flat]
+    for a in names:
+        assert offsets[a] + sizes[a] <= total
+        for b in names:
+            if a < b and not (live[a][1] < live[b][0] or live[b][1] < live[a][0]):
+                apart = offsets[a] + sizes[a] <= offsets[b] or offsets[b] + sizes[b] <= offsets[a]
+                assert apart, (a, b)
+    assert total < sum(sizes[n] for n in names)  # lifetimes let tensors share bytes
+
+
+@needs_cc
+def test_cli_export_c_writes_a_compilable_pair(tmp_path, capsys):
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(4, 4), seed=3, batch=4)
+    save(program, tmp_path / "p.intprog.safetensors")
+    code = main(
+        [
+            "export",
+            "--program",
+            str(tmp_path / "p.intprog.safetensors"),
+            "--format",
+            "c",
+            "--out",
+            str(tmp_path / "c"),
+            "--name",
+            "digits",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "c" / "digits.h").is_file() and (tmp_path / "c" / "digits.c").is_file()
+    assert "RAM" in capsys.readouterr().out
+    # The program the files came from runs exactly through the c runtime too.
+    assert np.array_equal(run(program, images.numpy(), runtime="c"), run(program, images.numpy()))
+
+
+def test_cli_export_c_without_out_is_a_one_line_error(tmp_path, capsys):
+    _, program, _ = random_qat_program("digits_cnn", QuantConfig(4, 4), seed=3)
+    save(program, tmp_path / "p.intprog.safetensors")
+    code = main(["export", "--program", str(tmp_path / "p.intprog.safetensors"), "--format", "c"])
+    assert code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+@needs_cc
+def test_sizes_reported_match_packed_weights(tmp_path):
+    _, program, _ = random_qat_program("resnet20", QuantConfig(2, 2), seed=4)
+    info = export_c(program, tmp_path, "r20")
+    _, _, again = generate_c(program, "r20")
+    assert info.weight_bytes == again.weight_bytes
+    # 2-bit weights take about a quarter of the int8 layout (the 8-bit first/last layers and the
+    # int32 biases and multipliers are the same in both).
+    assert info.weight_bytes < 0.4 * info.int8_weight_bytes
+    assert info.arena_bytes >= 16 * 32 * 32 * 4  # at least one int32 accumulator of stage 1
+
+
+needs_arm = pytest.mark.skipif(
+    bool(missing_tools()), reason="needs gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu"
+)
+
+
+@pytest.mark.mcu
+@needs_arm
+@pytest.mark.parametrize(
+    "name,bits", [("digits_cnn", (2, 2)), ("digits_cnn", (8, 8)), ("resnet20", (4, 4))]
+)
+def test_cortex_m4_under_qemu_equals_reference(tmp_path, name, bits):
+    """Cross-compiled for a Cortex-M4 (soft float ABI, -Os) and run on qemu's mps2-an386."""
+    _, program, _ = random_qat_program(name, QuantConfig(*bits), seed=11)
+    shape = (3,) + tuple(program.input_spec.shape)
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    firmware = build_firmware(program, images, tmp_path)
+    got = run_qemu(firmware, timeout=300)
+    assert np.array_equal(got, run(program, images))
+    assert firmware.bss_bytes >= generate_c(program)[2].arena_bytes
+
+
+def test_missing_arm_tools_are_named(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda _tool: None)
+    assert "qemu-system-arm" in missing_tools()
