@@ -9,13 +9,18 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from conftest import random_qat_program
-from lsqint import QuantConfig
+from conftest import assert_runtimes_agree, random_qat_program
+from lsqint import QuantConfig, prepare_qat
 from lsqint.cli import main
 from lsqint.export.c_code import export_c, generate_c, plan_arena
 from lsqint.export.mcu import build_firmware, missing_tools, run_qemu
+from lsqint.intprog import convert
 from lsqint.intprog.artifact import save
+from lsqint.models import Normalize
+from lsqint.qat import calibrate_
 from lsqint.runtime import run
 from lsqint.runtime.c_runtime import c_compiler
 
@@ -132,3 +137,40 @@ def test_cortex_m4_under_qemu_equals_reference(tmp_path, name, bits):
 def test_missing_arm_tools_are_named(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda _tool: None)
     assert "qemu-system-arm" in missing_tools()
+
+
+class OddGeometry(nn.Module):
+    """Every convolution and pooling parameter away from its default: dilation, groups
+    (depthwise), stride 3, asymmetric kernels and padding, ceil-mode max pooling, padded average
+    pooling, a linear layer reading a flattened map."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+        self.conv1 = nn.Conv2d(3, 8, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1))
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=3, padding=1, groups=8)  # depthwise
+        self.conv3 = nn.Conv2d(8, 6, 1, groups=2)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.avg = nn.AvgPool2d(2, stride=1, padding=1)
+        self.fc = nn.Linear(6 * 5 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(self.normalize(x)))
+        x = torch.relu(self.conv2(x))
+        x = self.pool(self.conv3(x))
+        return self.fc(torch.flatten(self.avg(x), 1))
+
+
+@needs_cc
+@pytest.mark.parametrize("bits", [(2, 3), (8, 8)])
+def test_odd_geometry_is_exact_in_c(bits):
+    torch.manual_seed(bits[0])
+    model = OddGeometry().eval()
+    images = torch.randint(0, 256, (3, 3, 17, 21), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(*bits), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    assert {"maxpool2d", "avgpool2d", "linear"} <= {n.op for n in program.nodes}
+    fresh = np.random.default_rng(1).integers(0, 256, (5, 3, 17, 21), dtype=np.uint8)
+    for batch in (images.numpy(), fresh):
+        assert_runtimes_agree(program, batch)

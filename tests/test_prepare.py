@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from conftest import randomize_bn_
+from conftest import assert_runtimes_agree, random_qat_program, randomize_bn_
 from lsqint import QuantConfig, prepare_qat
 from lsqint.models import MODELS, create_model
 from lsqint.qat import QuantConv2d, QuantLinear, UnsupportedOpError, node_kind, quantizers
@@ -223,3 +223,26 @@ def test_torchvision_resnet_prepares():
     gm = prepare_qat(model, QuantConfig(), torch.zeros(1, 3, 64, 64))
     assert isinstance(gm, fx.GraphModule)
     assert sum(isinstance(m, LSQQuantizer) for m in gm.modules()) > 20
+
+
+def test_residual_bits_widen_only_what_residual_adds_read():
+    """residual_bits=8 at W2A2: the pre-add outputs (a block's last conv and its shortcut) get
+    8 bits; every conv/linear input keeps 2 (or the 8 of the first/last layer)."""
+    config = QuantConfig(2, 2, residual_bits=8)
+    qat, program, images = random_qat_program("resnet20", config, seed=9)
+    widened = 0
+    for node in qat.graph.nodes:
+        if node_kind(qat, node) == "quantizer":
+            if all(node_kind(qat, user) == "add" for user in node.users):
+                assert int(qat.get_submodule(node.target).bits) == 8, node.name
+                widened += 1
+    assert widened == 9 + 2  # conv2 of the 9 blocks and the 2 shortcut convs
+    layer_inputs = [
+        program.tensors[n.inputs[0]] for n in program.nodes if n.op in ("conv2d", "linear")
+    ]
+    assert sorted({t.bits for t in layer_inputs}) == [2, 8]
+    assert sum(t.bits == 8 for t in layer_inputs) == 2  # the network input and the fc input
+    assert sum(t.bits == 8 for t in program.tensors.values() if t.bits) > 2
+    assert_runtimes_agree(program, images.numpy())
+    with pytest.raises(ValueError, match="residual_bits"):
+        QuantConfig(2, 2, residual_bits=9)

@@ -91,17 +91,20 @@ static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, in
             for (ky = 0; ky < KH; ky++)
                 for (kx = 0; kx < KW; kx++) {
                     int32_t wv = row[(c * KH + ky) * KW + kx];
-                    if (wv == 0) continue;
+                    /* Output columns whose input column ox*SW - PW + kx*DW is inside 0..W-1
+                     * (the rest read zero padding): ox0 <= ox < ox1, no test in the loop. */
+                    int left = PW - kx * DW, right = W - 1 + PW - kx * DW;
+                    int ox0 = left <= 0 ? 0 : (left + SW - 1) / SW;
+                    int ox1 = right < 0 ? 0 : right / SW + 1;
+                    if (ox1 > OW) ox1 = OW;
+                    if (wv == 0) continue; /* common at 2-3 bits */
                     for (oy = 0; oy < OH; oy++) {
                         int iy = oy * SH - PH + ky * DH;
                         const {X} *xr;
                         int32_t *yr = yo + oy * OW;
                         if (iy < 0 || iy >= H) continue;
                         xr = xg + ((int32_t)c * H + iy) * W;
-                        for (ox = 0; ox < OW; ox++) {
-                            int ix = ox * SW - PW + kx * DW;
-                            if (ix >= 0 && ix < W) yr[ox] += (int32_t)xr[ix] * wv;
-                        }
+                        for (ox = ox0; ox < ox1; ox++) yr[ox] += (int32_t)xr[ox * SW - left] * wv;
                     }
                 }
     }

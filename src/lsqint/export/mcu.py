@@ -131,6 +131,17 @@ def build_firmware(
     return Firmware(elf, text, data, bss)
 
 
+def model_object_sizes(source: str | Path) -> dict[str, int]:
+    """Flash and static RAM of the generated model alone: ``source`` compiled for the Cortex-M4
+    (``CFLAGS``) into an object file, measured by ``arm-none-eabi-size``."""
+    source = Path(source)
+    obj = source.with_suffix(".o")
+    _run(["arm-none-eabi-gcc", *CFLAGS, "-c", str(source), "-o", str(obj)], "compile", 300)
+    line = _run(["arm-none-eabi-size", str(obj)], "arm-none-eabi-size", 60).splitlines()[1]
+    text, data, bss = (int(v) for v in line.split()[:3])
+    return {"flash_bytes": text + data, "ram_bytes": data + bss}
+
+
 def run_qemu(firmware: Firmware, timeout: float = 600) -> np.ndarray:
     """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32."""
     command = [
