@@ -145,6 +145,14 @@ static void lq_add_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int64_t
         y[i] = ({Y})lq_round_clamp((int64_t)a[i] * ma + (int64_t)b[i] * mb, shift, lo, hi);
 }
 """,
+    "concat": r"""
+static void lq_concat_{XN}_{YN}(const {X} *x, int32_t n, int64_t m, int shift, int64_t lo,
+                                int64_t hi, {Y} *y)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = ({Y})lq_round_clamp((int64_t)x[i] * m, shift, lo, hi);
+}
+""",
     "maxpool2d": r"""
 static void lq_maxpool_{XN}(const {X} *x, int C, int H, int W, {X} *y, int OH, int OW, int KH,
                             int KW, int SH, int SW, int PH, int PW, int DH, int DW)
@@ -384,6 +392,20 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"{_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, {a['shift']}, "
                 f"{_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, {ref(node.output)});"
             )
+        elif node.op == "concat":
+            # One image is (C, ...) channel-major: input i fills the channel block after the
+            # blocks of the inputs before it.
+            start = 0
+            for part, m in zip(node.inputs, a["m"], strict=True):
+                x = tensors[part]
+                kernel("concat", X=x.dtype, Y=out.dtype)
+                size = int(np.prod(x.shape))
+                calls.append(
+                    f"lq_concat_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(part)}, "
+                    f"{size}, {_int64_literal(m)}, {a['shift']}, {_int64_literal(a['lo'])}, "
+                    f"{_int64_literal(a['hi'])}, {ref(node.output)} + {start});"
+                )
+                start += size
         elif node.op == "maxpool2d":
             x = tensors[node.inputs[0]]
             kernel("maxpool2d", X=x.dtype)

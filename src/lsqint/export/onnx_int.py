@@ -231,6 +231,15 @@ def _lower(g: _Graph, node: Node) -> None:
         bound = 255 * (abs(a["m_a"]) + abs(a["m_b"])) + (1 << (t - 1))
         y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
         g.cast(y, spec.dtype, out)
+    elif node.op == "concat":
+        t = a["shift"]
+        parts = []
+        for name, m in zip(node.inputs, a["m"], strict=True):
+            v = g.op("Mul", [g.cast(g.t(name), "int64"), g.const(np.array(m, np.int64), "m")], "xm")
+            bound = 255 * abs(m) + (1 << (t - 1))
+            half = 1 << (t - 1)
+            parts.append(g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], half))
+        g.cast(g.op("Concat", parts, "concat", axis=1), spec.dtype, out)
     elif node.op == "maxpool2d":
         ph, pw = a["padding"]
         g.op(

@@ -8,6 +8,7 @@ The walk follows the QAT graph in order and tracks, for each fx node, what integ
     Acc         an int32 accumulator with one scale per channel (conv/linear/pool sum), waiting
                 for a requantize; carries a fused ReLU/ReLU6
     PendingAdd  two code tensors to add, waiting for the quantizer that fixes the output scale
+    PendingCat  code tensors to join along channels, waiting for that quantizer too
 
 Each activation quantizer in the QAT graph becomes exactly one integer op (input, requantize or
 add) that produces codes with the quantizer's range, so codes in the program are the codes the
@@ -16,6 +17,7 @@ training model's quantizers produce (up to rounding ties, measured by ``lsqint i
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from ..models.common import Normalize
-from ..qat.graph import UnsupportedOpError, describe, node_kind
+from ..qat.graph import UnsupportedOpError, cat_inputs, describe, mean_keepdim, node_kind
 from ..qat.prepare import quantizers
 from ..quant import LSQQuantizer
 from .fixedpoint import (
@@ -71,6 +73,12 @@ class Acc:
 class PendingAdd:
     a: Codes
     b: Codes
+    act: str | None = None
+
+
+@dataclass
+class PendingCat:
+    parts: list[Codes]
     act: str | None = None
 
 
@@ -154,7 +162,7 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             values[node] = _lower_layer(b, node, kind, args[0])
         elif kind in ("relu", "relu6"):
             src = args[0]
-            if not isinstance(src, Acc | PendingAdd) or src.act is not None:
+            if not isinstance(src, Acc | PendingAdd | PendingCat) or src.act is not None:
                 raise UnsupportedOpError(f"{describe(gm, node)}: activation not fused into a layer")
             src.act = kind
             values[node] = src
@@ -163,6 +171,11 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             if not (isinstance(a, Codes) and isinstance(c, Codes)):
                 raise UnsupportedOpError(f"{describe(gm, node)} must add two quantized tensors")
             values[node] = PendingAdd(a, c)
+        elif kind == "cat":
+            parts = [values.get(a) for a in cat_inputs(node)]
+            if not all(isinstance(part, Codes) for part in parts):
+                raise UnsupportedOpError(f"{describe(gm, node)} must join quantized tensors")
+            values[node] = PendingCat(parts)
         elif kind == "maxpool":
             values[node] = _lower_maxpool(b, node, _codes(gm, node, args[0]))
         elif kind == "avgpool":
@@ -216,9 +229,15 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         if src.layer is not None:
             _finalize_bias(b, src.layer, m, t, lo, hi)
         attrs = {"lo": lo, "hi": hi}
-        return Codes(
-            b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "t": t}), s_out
-        )
+        acc_shape = b.tensors[src.tensor].shape
+        if acc_shape == out.shape:
+            return Codes(
+                b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "t": t}), s_out
+            )
+        # A mean over (H, W) without keepdim: requantize the (C, 1, 1) sum, then flatten.
+        full = dataclasses.replace(out, name=f"{node.name}_chw", shape=acc_shape)
+        codes = b.emit("requantize", full.name, [src.tensor], full, attrs, {"m": m, "t": t})
+        return Codes(b.emit("flatten", node.name, [codes], out), s_out)
     if isinstance(src, PendingAdd):
         real_a, real_b = src.a.scale / s_out, src.b.scale / s_out
         _, t = quantize_multiplier(max(real_a, real_b))  # one shared shift, set by the larger
@@ -230,6 +249,13 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
             "hi": hi,
         }
         return Codes(b.emit("add", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
+    if isinstance(src, PendingCat):
+        # Each input onto the output scale, as add does: one shift shared by all inputs.
+        reals = [part.scale / s_out for part in src.parts]
+        _, t = quantize_multiplier(max(reals))
+        attrs = {"m": [multiplier_for_shift(r, t) for r in reals], "shift": t, "lo": lo, "hi": hi}
+        inputs = [part.tensor for part in src.parts]
+        return Codes(b.emit("concat", node.name, inputs, out, attrs), s_out)
     raise UnsupportedOpError(f"{describe(b.gm, node)}: nothing quantizable feeds this quantizer")
 
 
@@ -371,7 +397,10 @@ def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
     gm = b.gm
     in_shape = b.tensors[x.tensor].shape
     h, w = in_shape[1], in_shape[2]
-    if node.op == "call_module":
+    keepdim = mean_keepdim(node)
+    if keepdim is not None:  # x.mean((2, 3)): global average pooling
+        adaptive, out_size = True, (1, 1)
+    elif node.op == "call_module":
         p = gm.get_submodule(node.target)
         if isinstance(p, nn.AdaptiveAvgPool2d):
             adaptive, out_size = True, p.output_size
@@ -406,7 +435,14 @@ def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
     spec = b.tensors[x.tensor]
     absmax = max(abs(spec.qmin), abs(spec.qmax))
     scale = np.array([x.scale / area], dtype=np.float64)
-    out = TensorSpec(node.name, "int32", b.shape(node), INT32_MIN, INT32_MAX, scale.tolist())
+    # Always (C, OH, OW); a mean without keepdim gets its (C,) shape from a flatten after the
+    # requantize (see _lower_quantizer).
+    shape = (
+        in_shape[0],
+        (h + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+        (w + 2 * padding[1] - kernel[1]) // stride[1] + 1,
+    )
+    out = TensorSpec(node.name, "int32", shape, INT32_MIN, INT32_MAX, scale.tolist())
     attrs = {"kernel": kernel, "stride": stride, "padding": padding, "acc_bound": area * absmax}
     return Acc(b.emit("avgpool2d", node.name, [x.tensor], out, attrs), scale)
 

@@ -22,6 +22,9 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("weight", "bias"), ("weight_bits", "acc_bound")),
     "requantize": (("m", "t"), ("lo", "hi")),
     "add": ((), ("m_a", "m_b", "shift", "lo", "hi")),
+    # Code tensors joined along channels (dim 1 of N, C, ...), each brought onto the output scale
+    # with its own multiplier m[i] and the shared shift: clamp((x_i*m[i] + 2^(t-1)) >> t).
+    "concat": ((), ("m", "shift", "lo", "hi")),
     "maxpool2d": ((), ("kernel", "stride", "padding", "dilation", "ceil_mode")),
     "avgpool2d": ((), ("kernel", "stride", "padding", "acc_bound")),
     "flatten": ((), ()),

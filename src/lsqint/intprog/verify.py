@@ -22,6 +22,7 @@ _DTYPE_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int32": (INT32_MIN, INT
 ACC_LIMIT = 1 << 31  # |acc| must stay below 2^31 (int32)
 MAX_DIM = 1 << 16  # no tensor dimension (channels, height, width) beyond this
 MAX_ELEMENTS = 1 << 28  # elements of one image's tensor
+MAX_CONCAT = 1024  # inputs of one concat
 
 
 class ProgramError(ValueError):
@@ -114,6 +115,8 @@ def verify(program: IntProgram) -> IntProgram:
         if not isinstance(node.inputs, list) or not all(isinstance(n, str) for n in node.inputs):
             _fail(node, "inputs must be a list of tensor names")
         arity = {"add": 2}.get(node.op, 1)
+        if node.op == "concat" and 1 <= len(node.inputs) <= MAX_CONCAT:
+            arity = len(node.inputs)
         if len(node.inputs) != arity:
             _fail(node, f"reads {len(node.inputs)} tensors, expected {arity}")
         for name in node.inputs:
@@ -285,6 +288,27 @@ def _check_add(node, ins):
     return dtype, a.shape, lo, hi
 
 
+def _check_concat(node, ins):
+    if any(x.dtype not in CODE_DTYPES or len(x.shape) < 1 for x in ins):
+        _fail(node, "concat reads 8-bit code tensors")
+    rest = {x.shape[1:] for x in ins}
+    if len(rest) != 1:
+        _fail(node, f"inputs differ beyond the channel dim: {sorted(rest)}")
+    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
+    m = node.attrs["m"]
+    if not isinstance(m, list) or len(m) != len(ins) or not all(_is_int(v) for v in m):
+        _fail(node, f"attribute 'm' must list one integer per input ({len(ins)})")
+    for x, mi in zip(ins, m, strict=True):
+        if not 0 < mi < 1 << 40:
+            _fail(node, f"multiplier {mi} outside (0, 2^40)")
+        worst = _absmax(x) * mi + (1 << (t - 1))
+        if worst >= 1 << 63:
+            _fail(node, f"x * m + 2^(t-1) can reach {worst}, overflowing int64")
+    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
+    channels = sum(x.shape[0] for x in ins)
+    return dtype, (channels, *ins[0].shape[1:]), lo, hi
+
+
 def _pool_shape(node, x, dilation, ceil_mode):
     if x.dtype not in CODE_DTYPES or len(x.shape) != 3:
         _fail(node, f"pooling reads (C, H, W) 8-bit codes, got {x.dtype}{x.shape}")
@@ -328,6 +352,7 @@ _CHECKS = {
     "linear": _check_layer,
     "requantize": _check_requantize,
     "add": _check_add,
+    "concat": _check_concat,
     "maxpool2d": _check_maxpool,
     "avgpool2d": _check_avgpool,
     "flatten": _check_flatten,

@@ -41,7 +41,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 # Node kinds. Producers create a new integer tensor (an activation quantizer follows them);
 # pass-through ops move codes without changing their scale.
-PRODUCERS = {"normalize", "conv", "linear", "add", "avgpool"}
+PRODUCERS = {"normalize", "conv", "linear", "add", "cat", "avgpool"}
 ACTIVATIONS = {"relu", "relu6"}
 PASS_THROUGH = {"maxpool", "flatten", "dropout", "identity"}
 
@@ -66,6 +66,7 @@ _MODULE_KINDS: list[tuple[type, str]] = [
 _FUNCTION_KINDS = {
     operator.add: "add",
     torch.add: "add",
+    torch.cat: "cat",
     torch.relu: "relu",
     F.relu: "relu",
     F.relu6: "relu6",
@@ -103,10 +104,53 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return None  # adding a constant has no integer op
         if kind == "add" and (len(node.args) > 2 or node.kwargs):
             return None  # torch.add(..., alpha=...)
+        if node.target is torch.cat:
+            return "cat" if _channel_cat(node) else None
+        if node.target is torch.mean:
+            return "avgpool" if _spatial_mean(node) else None
         return kind
     if node.op == "call_method":
+        if node.target == "mean":
+            return "avgpool" if _spatial_mean(node) else None
         return _METHOD_KINDS.get(node.target)
     return None
+
+
+def mean_keepdim(node: fx.Node) -> bool | None:
+    """For ``x.mean(dims)`` / ``torch.mean(x, dims)``: its keepdim; None for other nodes."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    )
+    if not is_mean:
+        return None
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return bool(keepdim)
+
+
+def _spatial_mean(node: fx.Node) -> bool:
+    """A mean over exactly the two spatial dims of an (N, C, H, W) tensor (global average
+    pooling as MnasNet and EfficientNet write it), with no dtype argument."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if isinstance(dims, int) or dims is None or "dtype" in node.kwargs:
+        return False
+    if not isinstance(node.args[2] if len(node.args) > 2 else True, bool):
+        return False
+    return sorted(d % 4 if isinstance(d, int) else d for d in dims) == [2, 3]
+
+
+def cat_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensors a ``torch.cat`` node joins."""
+    return list(node.args[0] if node.args else node.kwargs["tensors"])
+
+
+def _channel_cat(node: fx.Node) -> bool:
+    """torch.cat of graph tensors along dim 1 (channels), the only concatenation lsqint runs:
+    every input (N, C_i, ...) keeps its layout and the output is their channel blocks in order."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, list | tuple) or not tensors:
+        return False
+    return dim == 1 and all(isinstance(t, fx.Node) for t in tensors)
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -9,7 +9,8 @@ Written as a list of small passes, each ``pass(gm, ...) -> None`` editing the gr
     check_quantized_inputs    every conv/linear/add/pool reads codes, or the model is refused
 
 DESIGN section 4 places activation quantizers: the network input after normalization, conv/linear
-outputs (after a fused ReLU/ReLU6), residual add outputs and average-pool outputs. Max-pool,
+outputs (after a fused ReLU/ReLU6), residual add outputs, channel concatenations and average-pool
+outputs. Max-pool,
 flatten and dropout pass codes through. The last layer's output (the logits) is not quantized to
 a narrow code: the integer program keeps it as an int32 accumulator on one common scale.
 """
@@ -28,6 +29,7 @@ from .graph import (
     PASS_THROUGH,
     PRODUCERS,
     UnsupportedOpError,
+    cat_inputs,
     describe,
     input_scale_of,
     node_kind,
@@ -69,8 +71,8 @@ def check_supported(gm: fx.GraphModule) -> None:
         if node_kind(gm, node) is None:
             raise UnsupportedOpError(
                 f"unsupported {describe(gm, node)}: lsqint converts Conv2d, Linear, BatchNorm2d, "
-                "ReLU/ReLU6, add, max/avg pooling, flatten and dropout; rewrite this part of the "
-                "model with those"
+                "ReLU/ReLU6, add, torch.cat along channels, max/avg pooling, flatten and dropout; "
+                "rewrite this part of the model with those"
             )
 
 
@@ -243,12 +245,13 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
 
 
 def _non_negative(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:
-    """An average pool of unsigned codes is non-negative: quantize it unsigned too, so no code is
-    spent on values that cannot occur (the same reason ReLU outputs are unsigned)."""
-    if kind != "avgpool":
+    """An average pool or a concatenation of unsigned codes is non-negative: quantize it unsigned
+    too, so no code is spent on values that cannot occur (the reason ReLU outputs are unsigned)."""
+    if kind not in ("avgpool", "cat"):
         return False
-    qnode = quantizer_feeding(gm, node.args[0])
-    return qnode is not None and not bool(gm.get_submodule(qnode.target).signed)
+    sources = cat_inputs(node) if kind == "cat" else [node.args[0]]
+    qnodes = [quantizer_feeding(gm, source) for source in sources]
+    return all(q is not None and not bool(gm.get_submodule(q.target).signed) for q in qnodes)
 
 
 # -- pass 4: input step sizes for bias quantization ------------------------------------------------
@@ -273,8 +276,11 @@ def connect_input_scales_(gm: fx.GraphModule) -> None:
 def check_quantized_inputs(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         kind = node_kind(gm, node)
-        if kind in ("conv", "linear", "avgpool", "add"):
-            args = node.args[:2] if kind == "add" else node.args[:1]
+        if kind in ("conv", "linear", "avgpool", "add", "cat"):
+            if kind == "cat":
+                args = cat_inputs(node)
+            else:
+                args = node.args[:2] if kind == "add" else node.args[:1]
             for arg in args:
                 if quantizer_feeding(gm, arg) is None:
                     raise UnsupportedOpError(

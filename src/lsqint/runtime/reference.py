@@ -111,6 +111,12 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         x_a, x_b = (v.astype(np.int64) for v in inputs)
         acc = x_a * np.int64(a["m_a"]) + x_b * np.int64(a["m_b"])
         return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+    if node.op == "concat":
+        parts = [
+            np.clip(rounding_shift(x.astype(np.int64) * np.int64(m), a["shift"]), a["lo"], a["hi"])
+            for x, m in zip(inputs, a["m"], strict=True)
+        ]
+        return np.concatenate(parts, axis=1)
     if node.op == "maxpool2d":
         return maxpool2d(
             inputs[0], a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]

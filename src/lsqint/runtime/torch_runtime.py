@@ -110,6 +110,18 @@ class CompiledProgram:
             return self._build_requantize(node)
         if node.op == "add":
             return self._build_add(node)
+        if node.op == "concat":
+            self.paths[node.name] = "int64"
+            lo, hi, t, ms = a["lo"], a["hi"], a["shift"], a["m"]
+
+            def run_concat(*xs):
+                parts = [
+                    _rounding_shift(x.to(torch.int64) * m, t).clamp_(lo, hi)
+                    for x, m in zip(xs, ms, strict=True)
+                ]
+                return torch.cat(parts, dim=1).to(torch.float32)
+
+            return run_concat
         if node.op == "maxpool2d":
 
             def run_maxpool(x):

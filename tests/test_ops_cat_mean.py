@@ -1,0 +1,127 @@
+"""torch.cat along channels and spatial means: QAT -> program -> every runtime, == reference."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_runtimes_agree
+from lsqint import QuantConfig, prepare_qat
+from lsqint.intprog import ProgramError, convert, verify
+from lsqint.intprog.artifact import load, save
+from lsqint.models import Normalize
+from lsqint.qat import UnsupportedOpError, calibrate_
+
+try:
+    import onnxruntime  # noqa: F401
+
+    RUNTIMES = ("reference", "torch", "c", "onnx")
+except ImportError:  # the onnx extra is not installed
+    RUNTIMES = ("reference", "torch", "c")
+
+
+class FireAndMeans(nn.Module):
+    """SqueezeNet's fire module (two ReLU branches joined), a signed branch joined too, a
+    squeeze-excitation style mean with keepdim into a 1x1 conv, and MnasNet's closing mean
+    without it."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+        self.squeeze = nn.Conv2d(3, 4, 1)
+        self.expand1 = nn.Conv2d(4, 6, 1)
+        self.expand3 = nn.Conv2d(4, 5, 3, padding=1)
+        self.signed = nn.Conv2d(3, 2, 3, padding=1)
+        self.pointwise = nn.Conv2d(13, 8, 1)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.normalize(x)
+        s = torch.relu(self.squeeze(x))
+        y = torch.cat([torch.relu(self.expand1(s)), torch.relu(self.expand3(s)), self.signed(x)], 1)
+        y = torch.relu(self.pointwise(y))
+        g = torch.relu(self.gate(y.mean((2, 3), keepdim=True)))  # (N, 8, 1, 1)
+        return self.fc(torch.mean(g, [-1, -2]))
+
+
+def _program(bits, seed=0, size=(7, 9)):
+    torch.manual_seed(seed)
+    model = FireAndMeans().eval()
+    images = torch.randint(0, 256, (4, 3, *size), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(*bits), images)
+    calibrate_(qat, images)
+    return qat, convert(qat), images
+
+
+@pytest.mark.parametrize("bits", [(2, 2), (3, 5), (4, 4), (8, 8)])
+def test_cat_and_mean_equal_reference_on_every_runtime(bits, tmp_path):
+    qat, program, images = _program(bits, seed=bits[0])
+    ops = [n.op for n in program.nodes]
+    assert "concat" in ops and ops.count("avgpool2d") == 2
+    concat = next(n for n in program.nodes if n.op == "concat")
+    assert program.tensors[concat.output].dtype == "int8"  # one input is signed
+    fresh = np.random.default_rng(bits[1]).integers(0, 256, (6, 3, 7, 9), dtype=np.uint8)
+    for batch in (images.numpy(), fresh):
+        assert_runtimes_agree(program, batch, runtimes=RUNTIMES)
+    save(program, tmp_path / "p.intprog.safetensors")
+    again = load(tmp_path / "p.intprog.safetensors")
+    assert_runtimes_agree(again, fresh, runtimes=("reference",))
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(images).numpy()
+    logits = assert_runtimes_agree(program, images.numpy(), runtimes=("reference",))
+    assert np.abs(logits * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max() + 1e-6
+
+
+def test_concat_of_unsigned_codes_stays_unsigned():
+    class TwoRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize((0.5,), (0.5,))
+            self.a, self.b = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 2, 3, padding=1)
+            self.fc = nn.Linear(5 * 4 * 4, 3)
+
+        def forward(self, x):
+            x = self.normalize(x)
+            y = torch.cat((torch.relu(self.a(x)), torch.relu(self.b(x))), dim=1)
+            return self.fc(y.flatten(1))
+
+    images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    qat = prepare_qat(TwoRelu().eval(), QuantConfig(4, 4, first_last_bits=None), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    concat = next(n for n in program.nodes if n.op == "concat")
+    assert (program.tensors[concat.output].qmin, program.tensors[concat.output].qmax) == (0, 15)
+    assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
+
+
+def test_cat_along_another_dim_is_refused_by_name():
+    class WidthCat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize((0.5,), (0.5,))
+            self.conv = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(self.normalize(x))
+            return torch.cat([y, y], dim=3).flatten(1)
+
+    with pytest.raises(UnsupportedOpError, match="cat"):
+        prepare_qat(WidthCat().eval(), QuantConfig(), torch.zeros(1, 1, 4, 4))
+
+
+def test_verify_refuses_a_concat_with_the_wrong_multipliers():
+    _, program, _ = _program((4, 4))
+    bad = copy.deepcopy(program)
+    concat = next(n for n in bad.nodes if n.op == "concat")
+    concat.attrs["m"] = concat.attrs["m"][:-1]
+    with pytest.raises(ProgramError, match="one integer per input"):
+        verify(bad)
+    bad = copy.deepcopy(program)
+    concat = next(n for n in bad.nodes if n.op == "concat")
+    concat.inputs = concat.inputs[:-1]
+    with pytest.raises(ProgramError):
+        verify(bad)
