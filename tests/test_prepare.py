@@ -6,8 +6,16 @@ from torch import fx, nn
 
 from conftest import assert_runtimes_agree, random_qat_program, randomize_bn_
 from lsqint import QuantConfig, prepare_qat
+from lsqint.intprog import convert
 from lsqint.models import MODELS, create_model
-from lsqint.qat import QuantConv2d, QuantLinear, UnsupportedOpError, node_kind, quantizers
+from lsqint.qat import (
+    QuantConv2d,
+    QuantLinear,
+    UnsupportedOpError,
+    calibrate_,
+    node_kind,
+    quantizers,
+)
 from lsqint.qat.graph import trace
 from lsqint.qat.prepare import fold_batchnorm_, quantizer_feeding
 from lsqint.quant import LSQQuantizer
@@ -246,3 +254,30 @@ def test_residual_bits_widen_only_what_residual_adds_read():
     assert_runtimes_agree(program, images.numpy())
     with pytest.raises(ValueError, match="residual_bits"):
         QuantConfig(2, 2, residual_bits=9)
+
+
+def test_model_without_normalize_takes_raw_pixels_when_told_the_normalization():
+    """A plain torchvision-style model reads normalized tensors; prepare_qat(normalize=...)
+    prepends that normalization, so QAT and the program take uint8 pixels."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    randomize_bn_(plain)
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(UnsupportedOpError, match="normalize=\\(mean, std\\)"):
+        prepare_qat(plain, QuantConfig(), pixels)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    qat = prepare_qat(plain, QuantConfig(8, 8), pixels, normalize=(mean, std))
+    calibrate_(qat, pixels)
+    qat.eval()
+    normalized = (pixels.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = plain(normalized)
+        got = qat(pixels)
+    assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())  # W8A8 error
+    program = convert(qat)
+    assert program.input_spec.dtype == "uint8"
+    assert_runtimes_agree(program, pixels.numpy())

@@ -18,10 +18,12 @@ a narrow code: the integer program keeps it as an int32 accumulator on one commo
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
 
+from ..models.common import Normalize
 from ..quant import LSQQuantizer
 from .config import QuantConfig
 from .graph import (
@@ -39,17 +41,28 @@ from .modules import QuantConv2d, QuantLinear
 
 
 def prepare_qat(
-    model: nn.Module, config: QuantConfig, example_input: torch.Tensor
+    model: nn.Module,
+    config: QuantConfig,
+    example_input: torch.Tensor,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model``, fold its BatchNorms and insert LSQ quantizers; returns the QAT model.
 
     The input model is not modified. ``example_input`` (uint8 or 0..255 floats, shape (N, C, H, W))
     fixes the input shape recorded for conversion. Weight step sizes are initialized here;
     activation step sizes on the first training-mode forward pass (see ``calibrate_``).
+
+    ``normalize=(mean, std)``: for a model that takes normalized float tensors (its data pipeline
+    normalizes, as torchvision's ``Normalize(mean, std)`` after ``ToTensor`` does), prepend that
+    normalization as a ``Normalize`` module, so the QAT model and the integer program take raw
+    0..255 pixels. Models from ``lsqint.models`` carry their ``Normalize`` already.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = copy.deepcopy(model)
+    if normalize is not None:
+        mean, std = normalize
+        model = nn.Sequential(Normalize(mean, std), model).train(model.training)
     gm = trace(model)
     check_supported(gm)
     fold_batchnorm_(gm)
@@ -283,10 +296,16 @@ def check_quantized_inputs(gm: fx.GraphModule) -> None:
                 args = node.args[:2] if kind == "add" else node.args[:1]
             for arg in args:
                 if quantizer_feeding(gm, arg) is None:
+                    hint = (
+                        "; for a model that takes normalized tensors, pass "
+                        "prepare_qat(..., normalize=(mean, std)) so it takes raw pixels"
+                        if arg.op == "placeholder"
+                        else ""
+                    )
                     raise UnsupportedOpError(
                         f"{describe(gm, node)} reads '{arg.name}', which is not an integer tensor "
                         "(no activation quantizer reaches it); lsqint needs every layer input "
-                        "quantized"
+                        f"quantized{hint}"
                     )
 
 
