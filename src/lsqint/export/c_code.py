@@ -153,6 +153,25 @@ static void lq_concat_{XN}_{YN}(const {X} *x, int32_t n, int64_t m, int shift, i
     for (i = 0; i < n; i++) y[i] = ({Y})lq_round_clamp((int64_t)x[i] * m, shift, lo, hi);
 }
 """,
+    "adaptive_avgpool2d": r"""
+static void lq_adaptive_{XN}(const {X} *x, int C, int H, int W, int32_t *y, int OH, int OW,
+                             int32_t lcm)
+{
+    int c, oy, ox, iy, ix;
+    for (c = 0; c < C; c++)
+        for (oy = 0; oy < OH; oy++) {
+            /* PyTorch's windows: rows floor(oy*H/OH) .. ceil((oy+1)*H/OH) */
+            int y0 = oy * H / OH, y1 = ((oy + 1) * H + OH - 1) / OH;
+            for (ox = 0; ox < OW; ox++) {
+                int x0 = ox * W / OW, x1 = ((ox + 1) * W + OW - 1) / OW;
+                int32_t acc = 0;
+                for (iy = y0; iy < y1; iy++)
+                    for (ix = x0; ix < x1; ix++) acc += x[((int32_t)c * H + iy) * W + ix];
+                y[((int32_t)c * OH + oy) * OW + ox] = acc * (lcm / ((y1 - y0) * (x1 - x0)));
+            }
+        }
+}
+""",
     "maxpool2d": r"""
 static void lq_maxpool_{XN}(const {X} *x, int C, int H, int W, {X} *y, int OH, int OW, int KH,
                             int KW, int SH, int SW, int PH, int PW, int DH, int DW)
@@ -426,6 +445,14 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"lq_avgsum_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
                 f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
                 f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]});"
+            )
+        elif node.op == "adaptive_avgpool2d":
+            x = tensors[node.inputs[0]]
+            kernel("adaptive_avgpool2d", X=x.dtype)
+            c, h, w = x.shape
+            calls.append(
+                f"lq_adaptive_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
+                f"{ref(node.output)}, {a['out_size'][0]}, {a['out_size'][1]}, {a['lcm']});"
             )
         elif node.op == "flatten":
             calls.append("/* flatten: the same bytes as its input */")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..intprog.program import IntProgram, Node
+from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
 
 OPSET = 17
 
@@ -280,6 +280,17 @@ def _lower(g: _Graph, node: Node) -> None:
                 group=channels,
                 kernel_shape=kernel,
             )
+        g.bounds[node.output] = int(a["acc_bound"])
+    elif node.op == "adaptive_avgpool2d":
+        channels, h, w = p.tensors[x_name].shape
+        oh, ow = a["out_size"]
+        matrix = adaptive_pool_matrix((h, w), (oh, ow), a["lcm"])
+        flat = g.op(
+            "Reshape", [g.cast(x, "int64"), g.const(np.array([0, channels, h * w]), "hw")], "flat"
+        )
+        sums = g.op("MatMul", [flat, g.const(matrix, "pool")], "poolsum")
+        total = g.op("Reshape", [sums, g.const(np.array([0, channels, oh, ow]), "chw")], "pooled")
+        g.cast(total, "int32", out)
         g.bounds[node.output] = int(a["acc_bound"])
     elif node.op == "flatten":
         g.op("Flatten", [x], "flatten", out, axis=1)

@@ -40,7 +40,7 @@ from .fixedpoint import (
     quantize_multiplier,
     quantize_multipliers,
 )
-from .program import IntProgram, Node, TensorSpec
+from .program import IntProgram, Node, TensorSpec, adaptive_lcm
 from .verify import conv_acc_bound, verify
 
 
@@ -419,10 +419,7 @@ def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
         oh, ow = _pair(out_size) if out_size is not None else (h, w)
         oh, ow = oh or h, ow or w
         if h % oh or w % ow:
-            raise UnsupportedOpError(
-                f"{describe(gm, node)}: adaptive pooling {h}x{w} -> {oh}x{ow} has uneven windows; "
-                "use an input size divisible by the output size"
-            )
+            return _lower_adaptive_avgpool(b, node, x, (oh, ow))
         kernel, stride, padding = (h // oh, w // ow), (h // oh, w // ow), (0, 0)
     else:
         if ceil or divisor is not None or (any(_pair(padding)) and not include_pad):
@@ -445,6 +442,18 @@ def _lower_avgpool(b: _Builder, node: fx.Node, x: Codes) -> Acc:
     out = TensorSpec(node.name, "int32", shape, INT32_MIN, INT32_MAX, scale.tolist())
     attrs = {"kernel": kernel, "stride": stride, "padding": padding, "acc_bound": area * absmax}
     return Acc(b.emit("avgpool2d", node.name, [x.tensor], out, attrs), scale)
+
+
+def _lower_adaptive_avgpool(b: _Builder, node: fx.Node, x: Codes, out_size) -> Acc:
+    """Windows of unequal size: sums scaled to one common scale (see the program op)."""
+    spec = b.tensors[x.tensor]
+    lcm = adaptive_lcm(spec.shape[1:], out_size)
+    absmax = max(abs(spec.qmin), abs(spec.qmax))
+    scale = np.array([x.scale / lcm], dtype=np.float64)
+    shape = (spec.shape[0], *out_size)
+    out = TensorSpec(node.name, "int32", shape, INT32_MIN, INT32_MAX, scale.tolist())
+    attrs = {"out_size": list(out_size), "lcm": lcm, "acc_bound": lcm * absmax}
+    return Acc(b.emit("adaptive_avgpool2d", node.name, [x.tensor], out, attrs), scale)
 
 
 def _lower_output(b: _Builder, node: fx.Node, value) -> None:

@@ -27,9 +27,40 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "concat": ((), ("m", "shift", "lo", "hi")),
     "maxpool2d": ((), ("kernel", "stride", "padding", "dilation", "ceil_mode")),
     "avgpool2d": ((), ("kernel", "stride", "padding", "acc_bound")),
+    # Adaptive average pooling with windows of unequal size (PyTorch's rule: rows
+    # floor(i*H/OH) .. ceil((i+1)*H/OH)): each window sum times lcm // area, so that every output
+    # is on the one scale s_x / lcm (lcm: the least common multiple of the window areas).
+    "adaptive_avgpool2d": ((), ("out_size", "lcm", "acc_bound")),
     "flatten": ((), ()),
     "output": ((), ()),
 }
+
+
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """[start, end) of each of ``out`` adaptive-pooling windows over ``size`` (PyTorch's rule)."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def adaptive_lcm(shape, out_size) -> int:
+    """The least common multiple of the window areas of adaptive pooling ``shape`` -> out_size."""
+    import math
+
+    rows = {e - s for s, e in adaptive_windows(shape[0], out_size[0])}
+    cols = {e - s for s, e in adaptive_windows(shape[1], out_size[1])}
+    return math.lcm(*(r * c for r in rows for c in cols))
+
+
+def adaptive_pool_matrix(shape, out_size, lcm: int) -> np.ndarray:
+    """int64 (H*W, OH*OW): x.reshape(C, H*W) @ it == the adaptive_avgpool2d op's output, for
+    runtimes that do the op as one integer matrix product."""
+    h, w = shape
+    rows, cols = adaptive_windows(h, out_size[0]), adaptive_windows(w, out_size[1])
+    matrix = np.zeros((h, w, len(rows), len(cols)), np.int64)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            matrix[r0:r1, c0:c1, i, j] = lcm // ((r1 - r0) * (c1 - c0))
+    return matrix.reshape(h * w, len(rows) * len(cols))
+
 
 CODE_DTYPES = ("uint8", "int8")
 TENSOR_DTYPES = ("uint8", "int8", "int32")

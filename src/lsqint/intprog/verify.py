@@ -16,7 +16,15 @@ from numbers import Real
 import numpy as np
 
 from .fixedpoint import INT32_MAX, INT32_MIN, M_MAX, M_MIN, SHIFT_MAX, SHIFT_MIN
-from .program import CODE_DTYPES, OPS, TENSOR_DTYPES, IntProgram, Node, TensorSpec
+from .program import (
+    CODE_DTYPES,
+    OPS,
+    TENSOR_DTYPES,
+    IntProgram,
+    Node,
+    TensorSpec,
+    adaptive_lcm,
+)
 
 _DTYPE_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int32": (INT32_MIN, INT32_MAX)}
 ACC_LIMIT = 1 << 31  # |acc| must stay below 2^31 (int32)
@@ -341,6 +349,21 @@ def _check_avgpool(node, ins):
     return "int32", shape, INT32_MIN, INT32_MAX
 
 
+def _check_adaptive_avgpool(node, ins):
+    (x,) = ins
+    if x.dtype not in CODE_DTYPES or len(x.shape) != 3:
+        _fail(node, f"pooling reads (C, H, W) 8-bit codes, got {x.dtype}{x.shape}")
+    oh, ow = _pair(node, "out_size", 1, MAX_DIM)
+    lcm = adaptive_lcm(x.shape[1:], (oh, ow))
+    if _int(node, "lcm") != lcm:
+        _fail(node, f"lcm {node.attrs['lcm']} != computed {lcm}")
+    # The largest output: a window sum (area * absmax) times lcm // area = lcm * absmax.
+    bound = lcm * _absmax(x)
+    if _int(node, "acc_bound") != bound or bound >= ACC_LIMIT:
+        _fail(node, f"bound {node.attrs['acc_bound']} != computed {bound} or overflows")
+    return "int32", (x.shape[0], oh, ow), INT32_MIN, INT32_MAX
+
+
 def _check_flatten(node, ins):
     (x,) = ins
     return x.dtype, (int(np.prod(x.shape, dtype=np.int64)),), x.qmin, x.qmax
@@ -355,5 +378,6 @@ _CHECKS = {
     "concat": _check_concat,
     "maxpool2d": _check_maxpool,
     "avgpool2d": _check_avgpool,
+    "adaptive_avgpool2d": _check_adaptive_avgpool,
     "flatten": _check_flatten,
 }

@@ -10,7 +10,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..intprog.fixedpoint import requantize, rounding_shift
-from ..intprog.program import IntProgram, Node
+from ..intprog.program import IntProgram, Node, adaptive_windows
 
 
 def _store(value: np.ndarray, dtype: str) -> np.ndarray:
@@ -84,6 +84,19 @@ def avgpool2d_sum(x, kernel, stride, padding) -> np.ndarray:
     return _windows(xp, kernel, stride, (1, 1)).sum(axis=(4, 5))
 
 
+def adaptive_avgpool_sum(x, out_size, lcm) -> np.ndarray:
+    """Each adaptive window's sum times lcm // its area (one common scale for all outputs)."""
+    rows = adaptive_windows(x.shape[2], out_size[0])
+    cols = adaptive_windows(x.shape[3], out_size[1])
+    x = x.astype(np.int64)
+    out = np.empty((*x.shape[:2], len(rows), len(cols)), np.int64)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            window = x[:, :, r0:r1, c0:c1].sum(axis=(2, 3))
+            out[:, :, i, j] = window * (lcm // ((r1 - r0) * (c1 - c0)))
+    return out
+
+
 def _channel(p: np.ndarray, ndim: int) -> np.ndarray:
     """Per-channel parameter (C,) -> broadcastable along dim 1 of an (N, C, ...) tensor."""
     return p.reshape(1, -1, *([1] * (ndim - 2)))
@@ -123,6 +136,8 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         )
     if node.op == "avgpool2d":
         return avgpool2d_sum(inputs[0], a["kernel"], a["stride"], a["padding"])
+    if node.op == "adaptive_avgpool2d":
+        return adaptive_avgpool_sum(inputs[0], a["out_size"], a["lcm"])
     if node.op == "flatten":
         return inputs[0].reshape(inputs[0].shape[0], -1)
     raise NotImplementedError(f"reference runtime has no op {node.op!r}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..intprog.program import IntProgram, Node
+from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
 from .exact_float import add_plan, affine_step_plan
 
 F32_EXACT = 1 << 24
@@ -147,6 +147,20 @@ class CompiledProgram:
                 return _exact(total, dev)
 
             return run_avgpool
+        if node.op == "adaptive_avgpool2d":
+            self.paths[node.name] = "float64"
+            h, w = self.program.tensors[node.inputs[0]].shape[1:]
+            matrix = adaptive_pool_matrix((h, w), a["out_size"], a["lcm"])
+            pool = torch.as_tensor(matrix, device=dev).to(torch.float64)
+            oh, ow = a["out_size"]
+
+            def run_adaptive(x):
+                # Integer products and sums below 2^31 (acc_bound): exact in float64.
+                n, c = x.shape[:2]
+                flat = x.reshape(n, c, h * w).to(torch.float64)
+                return (flat @ pool).reshape(n, c, oh, ow)
+
+            return run_adaptive
         if node.op == "flatten":
             return lambda x: x.reshape(x.shape[0], -1)
         raise NotImplementedError(f"torch runtime has no op {node.op!r}")

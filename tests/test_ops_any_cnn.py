@@ -1,4 +1,5 @@
-"""torch.cat along channels and spatial means: QAT -> program -> every runtime, == reference."""
+"""Ops for any CNN (torch.cat along channels, spatial means, adaptive pooling with uneven windows):
+QAT -> program -> every runtime, == reference."""
 
 import copy
 
@@ -11,8 +12,10 @@ from conftest import assert_runtimes_agree
 from lsqint import QuantConfig, prepare_qat
 from lsqint.intprog import ProgramError, convert, verify
 from lsqint.intprog.artifact import load, save
+from lsqint.intprog.program import adaptive_windows
 from lsqint.models import Normalize
 from lsqint.qat import UnsupportedOpError, calibrate_
+from lsqint.runtime import run
 
 try:
     import onnxruntime  # noqa: F401
@@ -125,3 +128,45 @@ def test_verify_refuses_a_concat_with_the_wrong_multipliers():
     concat.inputs = concat.inputs[:-1]
     with pytest.raises(ProgramError):
         verify(bad)
+
+
+class AdaptivePool(nn.Module):
+    def __init__(self, out_size):
+        super().__init__()
+        self.normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(out_size)
+        self.fc = nn.Linear(4 * out_size[0] * out_size[1], 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(self.normalize(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize(
+    "size,out_size",
+    [((4, 4), (7, 7)), ((9, 7), (4, 3)), ((5, 3), (3, 2))],
+    ids=["vgg-at-small-size", "overlapping", "unequal-areas"],
+)
+def test_adaptive_pooling_with_uneven_windows_is_exact(size, out_size):
+    """VGG/AlexNet at small inputs: 4x4 -> 7x7 repeats inputs (window areas 1, 2 and 4); 9 -> 4
+    overlaps windows; 5x3 -> 3x2 has areas 4 and 6."""
+    torch.manual_seed(0)
+    model = AdaptivePool(out_size).eval()
+    images = torch.randint(0, 256, (3, 3, size[0] + 2, size[1] + 2), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(4, 4), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    pool = next(n for n in program.nodes if n.op == "adaptive_avgpool2d")
+    rows = {e - s for s, e in adaptive_windows(size[0], out_size[0])}
+    cols = {e - s for s, e in adaptive_windows(size[1], out_size[1])}
+    areas = {r * c for r in rows for c in cols}
+    # Overlapping or unequal windows: no avgpool2d (one kernel, one stride) computes them.
+    assert size[0] % out_size[0] or size[1] % out_size[1]
+    assert all(pool.attrs["lcm"] % area == 0 for area in areas)
+    assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(images).numpy()
+    logits = run(program, images.numpy())
+    assert np.abs(logits * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max()
