@@ -1,5 +1,6 @@
-"""Ops for any CNN (torch.cat along channels, spatial means, adaptive pooling with uneven windows):
-QAT -> program -> every runtime, == reference."""
+"""Ops for any CNN (torch.cat along channels, spatial means, adaptive pooling with uneven windows,
+elementwise functions as lookup tables, squeeze-excitation products): QAT -> program -> every
+runtime, == reference."""
 
 import copy
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from conftest import assert_runtimes_agree
 from lsqint import QuantConfig, prepare_qat
@@ -170,3 +172,76 @@ def test_adaptive_pooling_with_uneven_windows_is_exact(size, out_size):
         fq = qat(images).numpy()
     logits = run(program, images.numpy())
     assert np.abs(logits * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max()
+
+
+class Nonlinear(nn.Module):
+    """Every lookup-table function, as modules, functions and tensor methods, with a
+    squeeze-excitation gate (mean -> 1x1 convs -> Hardsigmoid/Sigmoid -> x * gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.hardswish = nn.Hardswish()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.squeeze = nn.Conv2d(8, 4, 1)
+        self.excite = nn.Conv2d(4, 8, 1)
+        self.gate = nn.Hardsigmoid()
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.elu = nn.ELU()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.hardswish(self.conv1(self.normalize(x)))
+        x = F.silu(self.conv2(x))
+        g = self.gate(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = x * g
+        s = torch.sigmoid(self.excite(F.gelu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = torch.mul(x, s)
+        x = F.leaky_relu(self.conv3(x), 0.1).tanh()
+        return self.fc(self.elu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (3, 6)])
+def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits):
+    torch.manual_seed(bits[1])
+    model = Nonlinear().eval()
+    images = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(*bits), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    ops = [n.op for n in program.nodes]
+    assert ops.count("lut") == 8 and ops.count("mul") == 2
+    gates = [
+        n for n in program.nodes if n.op == "lut" and program.tensors[n.output].shape == (8, 1, 1)
+    ]
+    assert len(gates) == 2  # Hardsigmoid and Sigmoid: non-negative functions, unsigned codes
+    assert all(program.tensors[g.output].qmin == 0 for g in gates)
+    fresh = np.random.default_rng(0).integers(0, 256, (5, 3, 6, 5), dtype=np.uint8)
+    for batch in (images.numpy(), fresh):
+        assert_runtimes_agree(program, batch, runtimes=RUNTIMES)
+    # The tables are the QAT model's own float32 arithmetic; a code can still flip at a rounding
+    # tie in the QAT model's float32 convolutions and means (see evaluation.compare).
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(torch.as_tensor(fresh)).numpy()
+    logits = run(program, fresh)
+    assert np.abs(logits * program.output_scale - fq).max() <= 0.01 * np.abs(fq).max()
+
+
+def test_lookup_table_of_a_tampered_program_is_refused():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
+    qat = prepare_qat(Nonlinear().eval(), QuantConfig(4, 4), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    bad = copy.deepcopy(program)
+    lut = next(n for n in bad.nodes if n.op == "lut")
+    lut.params["table"] = lut.params["table"][:-1]
+    with pytest.raises(ProgramError, match="entries"):
+        verify(bad)
+    bad = copy.deepcopy(program)
+    lut = next(n for n in bad.nodes if n.op == "lut")
+    lut.params["table"] = lut.params["table"] + 1000
+    with pytest.raises(ProgramError, match="outside"):
+        verify(bad)

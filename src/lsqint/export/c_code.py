@@ -172,6 +172,30 @@ static void lq_adaptive_{XN}(const {X} *x, int C, int H, int W, int32_t *y, int 
         }
 }
 """,
+    "mul": r"""
+/* a is (C, H, W); b is the same or (C, 1, 1), (1, H, W), ... (a broadcast dim has size 1). */
+static void lq_mul_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int C, int H, int W, int BC,
+                                  int BH, int BW, int64_t m, int shift, int64_t lo, int64_t hi,
+                                  {Y} *y)
+{
+    int c, h, w;
+    for (c = 0; c < C; c++)
+        for (h = 0; h < H; h++)
+            for (w = 0; w < W; w++) {
+                int32_t i = ((int32_t)c * H + h) * W + w;
+                int32_t j = ((int32_t)(BC > 1 ? c : 0) * BH + (BH > 1 ? h : 0)) * BW
+                            + (BW > 1 ? w : 0);
+                y[i] = ({Y})lq_round_clamp((int64_t)a[i] * b[j] * m, shift, lo, hi);
+            }
+}
+""",
+    "lut": r"""
+static void lq_lut_{XN}_{YN}(const {X} *x, int32_t n, const {Y} *table, int offset, {Y} *y)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = table[(int32_t)x[i] - offset];
+}
+""",
     "maxpool2d": r"""
 static void lq_maxpool_{XN}(const {X} *x, int C, int H, int W, {X} *y, int OH, int OW, int KH,
                             int KW, int SH, int SW, int PH, int PW, int DH, int DW)
@@ -445,6 +469,29 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"lq_avgsum_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
                 f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
                 f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]});"
+            )
+        elif node.op == "mul":
+            xa, xb = (tensors[n] for n in node.inputs)
+            kernel("mul", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+            dims_a = (list(xa.shape) + [1, 1])[:3]
+            dims_b = (list(xb.shape) + [1, 1])[:3]
+            calls.append(
+                f"lq_mul_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
+                f"{ref(node.inputs[0])}, {ref(node.inputs[1])}, {dims_a[0]}, {dims_a[1]}, "
+                f"{dims_a[2]}, {dims_b[0]}, {dims_b[1]}, {dims_b[2]}, {_int64_literal(a['m'])}, "
+                f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
+                f"{ref(node.output)});"
+            )
+        elif node.op == "lut":
+            x = tensors[node.inputs[0]]
+            table = np.asarray(p["table"])
+            consts.append(_array(C_TYPES[out.dtype], f"{tag}_table", table))
+            weight_bytes += table.size
+            int8_bytes += table.size
+            kernel("lut", X=x.dtype, Y=out.dtype)
+            calls.append(
+                f"lq_lut_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
+                f"{int(np.prod(x.shape))}, {tag}_table, {a['offset']}, {ref(node.output)});"
             )
         elif node.op == "adaptive_avgpool2d":
             x = tensors[node.inputs[0]]

@@ -281,6 +281,26 @@ def _lower(g: _Graph, node: Node) -> None:
                 kernel_shape=kernel,
             )
         g.bounds[node.output] = int(a["acc_bound"])
+    elif node.op == "mul":
+        t = a["shift"]
+        product = g.op(
+            "Mul",
+            [g.cast(g.t(node.inputs[0]), "int64"), g.cast(g.t(node.inputs[1]), "int64")],
+            "ab",
+        )
+        v = g.op("Mul", [product, g.const(np.array(a["m"], np.int64), "m")], "abm")
+        absmax = [max(abs(p.tensors[n].qmin), abs(p.tensors[n].qmax)) for n in node.inputs]
+        bound = absmax[0] * absmax[1] * a["m"] + (1 << (t - 1))
+        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
+        g.cast(y, spec.dtype, out)
+    elif node.op == "lut":
+        index = g.op(
+            "Sub",
+            [g.cast(x, "int64"), g.const(np.array(a["offset"], np.int64), "offset")],
+            "index",
+        )
+        table = g.const(node.params["table"].astype(np.int64), "table")
+        g.cast(g.op("Gather", [table, index], "lookup", axis=0), spec.dtype, out)
     elif node.op == "adaptive_avgpool2d":
         channels, h, w = p.tensors[x_name].shape
         oh, ow = a["out_size"]

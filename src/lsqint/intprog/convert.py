@@ -28,7 +28,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from ..models.common import Normalize
-from ..qat.graph import UnsupportedOpError, cat_inputs, describe, mean_keepdim, node_kind
+from ..qat.graph import (
+    UnsupportedOpError,
+    apply_lut_function,
+    cat_inputs,
+    describe,
+    mean_keepdim,
+    node_kind,
+)
 from ..qat.prepare import quantizers
 from ..quant import LSQQuantizer
 from .fixedpoint import (
@@ -71,6 +78,20 @@ class Acc:
 
 @dataclass
 class PendingAdd:
+    a: Codes
+    b: Codes
+    act: str | None = None
+
+
+@dataclass
+class PendingLut:
+    x: Codes
+    node: fx.Node  # the elementwise function, applied to every code at convert time
+    act: str | None = None
+
+
+@dataclass
+class PendingMul:
     a: Codes
     b: Codes
     act: str | None = None
@@ -162,7 +183,8 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             values[node] = _lower_layer(b, node, kind, args[0])
         elif kind in ("relu", "relu6"):
             src = args[0]
-            if not isinstance(src, Acc | PendingAdd | PendingCat) or src.act is not None:
+            pending = Acc | PendingAdd | PendingMul | PendingCat | PendingLut
+            if not isinstance(src, pending) or src.act is not None:
                 raise UnsupportedOpError(f"{describe(gm, node)}: activation not fused into a layer")
             src.act = kind
             values[node] = src
@@ -171,6 +193,13 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             if not (isinstance(a, Codes) and isinstance(c, Codes)):
                 raise UnsupportedOpError(f"{describe(gm, node)} must add two quantized tensors")
             values[node] = PendingAdd(a, c)
+        elif kind == "mul":
+            a, c = args
+            if not (isinstance(a, Codes) and isinstance(c, Codes)):
+                raise UnsupportedOpError(f"{describe(gm, node)} must multiply quantized tensors")
+            values[node] = PendingMul(a, c)
+        elif kind == "lut":
+            values[node] = PendingLut(_codes(gm, node, args[0]), node)
         elif kind == "cat":
             parts = [values.get(a) for a in cat_inputs(node)]
             if not all(isinstance(part, Codes) for part in parts):
@@ -249,6 +278,12 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
             "hi": hi,
         }
         return Codes(b.emit("add", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
+    if isinstance(src, PendingMul):
+        m, t = quantize_multiplier(src.a.scale * src.b.scale / s_out)
+        attrs = {"m": m, "shift": t, "lo": lo, "hi": hi}
+        return Codes(b.emit("mul", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
+    if isinstance(src, PendingLut):
+        return _lower_lut(b, node, src, q, out)
     if isinstance(src, PendingCat):
         # Each input onto the output scale, as add does: one shift shared by all inputs.
         reals = [part.scale / s_out for part in src.parts]
@@ -257,6 +292,28 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         inputs = [part.tensor for part in src.parts]
         return Codes(b.emit("concat", node.name, inputs, out, attrs), s_out)
     raise UnsupportedOpError(f"{describe(b.gm, node)}: nothing quantizable feeds this quantizer")
+
+
+def _lower_lut(b: _Builder, node: fx.Node, src: PendingLut, q: LSQQuantizer, out) -> Codes:
+    """A table with one output code per input code, computed exactly as the QAT model computes
+    it in eval mode: dequantize the code (float32, code * s_in), apply the function (and a fused
+    ReLU), fake-quantize with the output quantizer, read the code back."""
+    spec = b.tensors[src.x.tensor]
+    codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32)
+    s_in = torch.tensor(src.x.scale, dtype=torch.float32)
+    y = apply_lut_function(b.gm, src.node, codes * s_in)
+    if src.act == "relu":
+        y = torch.relu(y)
+    elif src.act == "relu6":
+        y = torch.clamp(y, 0.0, 6.0)
+    q.eval()
+    s_out = q.effective_scale().detach().float()
+    table = torch.round(q(y).detach() / s_out).to(torch.int64).numpy()
+    table = np.clip(table, out.qmin, out.qmax)  # a fused ReLU6 narrows the range further
+    attrs = {"offset": spec.qmin, "lo": out.qmin, "hi": out.qmax}
+    return Codes(
+        b.emit("lut", node.name, [src.x.tensor], out, attrs, {"table": table}), float(s_out)
+    )
 
 
 def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:

@@ -25,6 +25,12 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # Code tensors joined along channels (dim 1 of N, C, ...), each brought onto the output scale
     # with its own multiplier m[i] and the shared shift: clamp((x_i*m[i] + 2^(t-1)) >> t).
     "concat": ((), ("m", "shift", "lo", "hi")),
+    # Elementwise product of two code tensors (the second may be (C, 1, 1) against (C, H, W):
+    # squeeze-excitation's x * gate): clamp((a*b*m + 2^(t-1)) >> t).
+    "mul": ((), ("m", "shift", "lo", "hi")),
+    # An elementwise function of one code: y = table[x - offset] (table: one entry per code of
+    # the input's range, values in [lo, hi]).
+    "lut": (("table",), ("offset", "lo", "hi")),
     "maxpool2d": ((), ("kernel", "stride", "padding", "dilation", "ceil_mode")),
     "avgpool2d": ((), ("kernel", "stride", "padding", "acc_bound")),
     # Adaptive average pooling with windows of unequal size (PyTorch's rule: rows

@@ -122,7 +122,7 @@ def verify(program: IntProgram) -> IntProgram:
             _fail(node, f"attributes {sorted(node.attrs)} != expected {sorted(attr_names)}")
         if not isinstance(node.inputs, list) or not all(isinstance(n, str) for n in node.inputs):
             _fail(node, "inputs must be a list of tensor names")
-        arity = {"add": 2}.get(node.op, 1)
+        arity = {"add": 2, "mul": 2}.get(node.op, 1)
         if node.op == "concat" and 1 <= len(node.inputs) <= MAX_CONCAT:
             arity = len(node.inputs)
         if len(node.inputs) != arity:
@@ -364,6 +364,38 @@ def _check_adaptive_avgpool(node, ins):
     return "int32", (x.shape[0], oh, ow), INT32_MIN, INT32_MAX
 
 
+def _check_mul(node, ins):
+    a, b = ins
+    if a.dtype not in CODE_DTYPES or b.dtype not in CODE_DTYPES:
+        _fail(node, "mul reads 8-bit codes")
+    if len(b.shape) != len(a.shape) or any(
+        db not in (1, da) for da, db in zip(a.shape, b.shape, strict=True)
+    ):
+        _fail(node, f"{list(b.shape)} does not broadcast onto {list(a.shape)}")
+    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
+    m = _int(node, "m", M_MIN, M_MAX)
+    worst = _absmax(a) * _absmax(b) * m + (1 << (t - 1))
+    if worst >= 1 << 63:
+        _fail(node, f"a * b * m can reach {worst}, overflowing int64")
+    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
+    return dtype, a.shape, lo, hi
+
+
+def _check_lut(node, ins):
+    (x,) = ins
+    table = node.params["table"]
+    if x.dtype not in CODE_DTYPES:
+        _fail(node, "lut reads 8-bit codes")
+    if _int(node, "offset") != x.qmin:
+        _fail(node, f"offset {node.attrs['offset']} != the input's lowest code {x.qmin}")
+    if table.dtype != np.int64 or table.shape != (x.qmax - x.qmin + 1,):
+        _fail(node, f"table must be int64 with {x.qmax - x.qmin + 1} entries")
+    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
+    if table.min() < lo or table.max() > hi:
+        _fail(node, f"table values {table.min()}..{table.max()} outside [{lo}, {hi}]")
+    return dtype, x.shape, lo, hi
+
+
 def _check_flatten(node, ins):
     (x,) = ins
     return x.dtype, (int(np.prod(x.shape, dtype=np.int64)),), x.qmin, x.qmax
@@ -376,6 +408,8 @@ _CHECKS = {
     "requantize": _check_requantize,
     "add": _check_add,
     "concat": _check_concat,
+    "lut": _check_lut,
+    "mul": _check_mul,
     "maxpool2d": _check_maxpool,
     "avgpool2d": _check_avgpool,
     "adaptive_avgpool2d": _check_adaptive_avgpool,

@@ -8,6 +8,7 @@ import operator
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
+from torchvision.ops import StochasticDepth
 
 from ..models.common import Normalize
 from ..quant import LSQQuantizer
@@ -22,7 +23,7 @@ class LsqintTracer(fx.Tracer):
     """torch.fx tracer that keeps lsqint's own modules as single (leaf) nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, Normalize | LSQQuantizer | QuantConv2d | QuantLinear):
+        if isinstance(m, Normalize | LSQQuantizer | QuantConv2d | QuantLinear | StochasticDepth):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -41,7 +42,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 # Node kinds. Producers create a new integer tensor (an activation quantizer follows them);
 # pass-through ops move codes without changing their scale.
-PRODUCERS = {"normalize", "conv", "linear", "add", "cat", "avgpool"}
+PRODUCERS = {"normalize", "conv", "linear", "add", "mul", "cat", "avgpool", "lut"}
 ACTIVATIONS = {"relu", "relu6"}
 PASS_THROUGH = {"maxpool", "flatten", "dropout", "identity"}
 
@@ -61,12 +62,29 @@ _MODULE_KINDS: list[tuple[type, str]] = [
     (nn.Flatten, "flatten"),
     (nn.Dropout, "dropout"),
     (nn.Identity, "identity"),
+    (StochasticDepth, "dropout"),  # torchvision's residual dropout: identity in eval
+    (nn.Hardswish, "lut"),
+    (nn.Hardsigmoid, "lut"),
+    (nn.SiLU, "lut"),
+    (nn.Sigmoid, "lut"),
+    (nn.Tanh, "lut"),
+    (nn.GELU, "lut"),
+    (nn.LeakyReLU, "lut"),
+    (nn.ELU, "lut"),
 ]
+
+# Elementwise functions of one code (at most 8 bits): an integer lookup table in the program,
+# built at convert time from the QAT model's own float32 arithmetic (so program == fake-quant).
+# The ones whose output is never negative get an unsigned output quantizer.
+NON_NEGATIVE_MODULES = (nn.Hardsigmoid, nn.Sigmoid)
+NON_NEGATIVE_FUNCTIONS = {F.hardsigmoid, F.sigmoid, torch.sigmoid, "sigmoid"}
 
 _FUNCTION_KINDS = {
     operator.add: "add",
     torch.add: "add",
     torch.cat: "cat",
+    operator.mul: "mul",
+    torch.mul: "mul",
     torch.relu: "relu",
     F.relu: "relu",
     F.relu6: "relu6",
@@ -75,9 +93,25 @@ _FUNCTION_KINDS = {
     F.avg_pool2d: "avgpool",
     F.adaptive_avg_pool2d: "avgpool",
     F.dropout: "dropout",
+    F.hardswish: "lut",
+    F.hardsigmoid: "lut",
+    F.silu: "lut",
+    F.sigmoid: "lut",
+    torch.sigmoid: "lut",
+    F.tanh: "lut",
+    torch.tanh: "lut",
+    F.gelu: "lut",
+    F.leaky_relu: "lut",
+    F.elu: "lut",
 }
 
-_METHOD_KINDS = {"relu": "relu", "flatten": "flatten", "contiguous": "identity"}
+_METHOD_KINDS = {
+    "relu": "relu",
+    "flatten": "flatten",
+    "contiguous": "identity",
+    "sigmoid": "lut",
+    "tanh": "lut",
+}
 
 
 def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -100,9 +134,9 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         if node.target is input_scale_of:
             return "scale"
         kind = _FUNCTION_KINDS.get(node.target)
-        if kind == "add" and not all(isinstance(a, fx.Node) for a in node.args[:2]):
-            return None  # adding a constant has no integer op
-        if kind == "add" and (len(node.args) > 2 or node.kwargs):
+        if kind in ("add", "mul") and not all(isinstance(a, fx.Node) for a in node.args[:2]):
+            return None  # adding or scaling by a constant has no integer op
+        if kind in ("add", "mul") and (len(node.args) > 2 or node.kwargs):
             return None  # torch.add(..., alpha=...)
         if node.target is torch.cat:
             return "cat" if _channel_cat(node) else None
@@ -136,6 +170,22 @@ def _spatial_mean(node: fx.Node) -> bool:
     if not isinstance(node.args[2] if len(node.args) > 2 else True, bool):
         return False
     return sorted(d % 4 if isinstance(d, int) else d for d in dims) == [2, 3]
+
+
+def lut_is_non_negative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), NON_NEGATIVE_MODULES)
+    return node.target in NON_NEGATIVE_FUNCTIONS
+
+
+def apply_lut_function(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """The float function of a ``lut`` node applied to ``x`` (its constant arguments kept)."""
+    rest = tuple(node.args[1:])
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(x)
+    if node.op == "call_method":
+        return getattr(x, node.target)(*rest, **node.kwargs)
+    return node.target(x, *rest, **node.kwargs)
 
 
 def cat_inputs(node: fx.Node) -> list[fx.Node]:

@@ -34,6 +34,7 @@ from .graph import (
     cat_inputs,
     describe,
     input_scale_of,
+    lut_is_non_negative,
     node_kind,
     trace,
 )
@@ -84,7 +85,8 @@ def check_supported(gm: fx.GraphModule) -> None:
         if node_kind(gm, node) is None:
             raise UnsupportedOpError(
                 f"unsupported {describe(gm, node)}: lsqint converts Conv2d, Linear, BatchNorm2d, "
-                "ReLU/ReLU6, add, torch.cat along channels, max/avg pooling, flatten and dropout; "
+                "ReLU/ReLU6, add, mul, torch.cat along channels, max/avg pooling, flatten, dropout "
+                "and elementwise Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/GELU/LeakyReLU/ELU; "
                 "rewrite this part of the model with those"
             )
 
@@ -260,6 +262,12 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
 def _non_negative(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:
     """An average pool or a concatenation of unsigned codes is non-negative: quantize it unsigned
     too, so no code is spent on values that cannot occur (the reason ReLU outputs are unsigned)."""
+    if kind == "lut":
+        return lut_is_non_negative(gm, node)
+    if kind == "mul":  # a product of two unsigned code tensors
+        sources = node.args[:2]
+        qnodes = [quantizer_feeding(gm, source) for source in sources]
+        return all(q is not None and not bool(gm.get_submodule(q.target).signed) for q in qnodes)
     if kind not in ("avgpool", "cat"):
         return False
     sources = cat_inputs(node) if kind == "cat" else [node.args[0]]
@@ -289,11 +297,11 @@ def connect_input_scales_(gm: fx.GraphModule) -> None:
 def check_quantized_inputs(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         kind = node_kind(gm, node)
-        if kind in ("conv", "linear", "avgpool", "add", "cat"):
+        if kind in ("conv", "linear", "avgpool", "add", "mul", "cat", "lut"):
             if kind == "cat":
                 args = cat_inputs(node)
             else:
-                args = node.args[:2] if kind == "add" else node.args[:1]
+                args = node.args[:2] if kind in ("add", "mul") else node.args[:1]
             for arg in args:
                 if quantizer_feeding(gm, arg) is None:
                     hint = (

@@ -136,6 +136,12 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         )
     if node.op == "avgpool2d":
         return avgpool2d_sum(inputs[0], a["kernel"], a["stride"], a["padding"])
+    if node.op == "mul":
+        x_a, x_b = (v.astype(np.int64) for v in inputs)
+        acc = x_a * x_b * np.int64(a["m"])
+        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+    if node.op == "lut":
+        return p["table"][inputs[0].astype(np.int64) - a["offset"]]
     if node.op == "adaptive_avgpool2d":
         return adaptive_avgpool_sum(inputs[0], a["out_size"], a["lcm"])
     if node.op == "flatten":

@@ -147,6 +147,23 @@ class CompiledProgram:
                 return _exact(total, dev)
 
             return run_avgpool
+        if node.op == "mul":
+            self.paths[node.name] = "int64"
+            lo, hi, shift, m = a["lo"], a["hi"], a["shift"], a["m"]
+
+            def run_mul(x_a, x_b):
+                acc = x_a.to(torch.int64) * x_b.to(torch.int64) * m
+                return _rounding_shift(acc, shift).clamp_(lo, hi).to(torch.float32)
+
+            return run_mul
+        if node.op == "lut":
+            table = self._param(node, "table", torch.float32)
+            offset = a["offset"]
+
+            def run_lut(x):
+                return table[x.to(torch.int64) - offset]
+
+            return run_lut
         if node.op == "adaptive_avgpool2d":
             self.paths[node.name] = "float64"
             h, w = self.program.tensors[node.inputs[0]].shape[1:]
