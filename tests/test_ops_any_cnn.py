@@ -245,3 +245,64 @@ def test_lookup_table_of_a_tampered_program_is_refused():
     lut.params["table"] = lut.params["table"] + 1000
     with pytest.raises(ProgramError, match="outside"):
         verify(bad)
+
+
+def channel_shuffle(x, groups: int):
+    n, c, h, w = x.size()
+    x = x.view(n, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit (chunk -> branch -> cat -> channel shuffle written with sizes), a
+    split into unequal pieces and a permute there and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.mix = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 5 * 4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(self.normalize(x)))
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, torch.relu(self.branch(x2))), dim=1), 2)
+        a, b, c = torch.split(x, [3, 1, 4], dim=1)
+        x = torch.cat([c, a, b], 1).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        return self.fc(torch.relu(self.mix(x)).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8)])
+def test_data_movement_equals_reference_on_every_runtime(bits):
+    torch.manual_seed(bits[0])
+    model = ShuffleBlock().eval()
+    images = torch.randint(0, 256, (3, 3, 5, 4), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(*bits), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    ops = [n.op for n in program.nodes]
+    assert ops.count("slice") == 5 and ops.count("transpose") == 3 and ops.count("reshape") >= 3
+    fresh = np.random.default_rng(1).integers(0, 256, (4, 3, 5, 4), dtype=np.uint8)
+    for batch in (images.numpy(), fresh):
+        logits = assert_runtimes_agree(program, batch, runtimes=RUNTIMES)
+        assert len(np.unique(logits)) > 3  # not a constant output
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(torch.as_tensor(fresh)).numpy()
+    assert np.abs(run(program, fresh) * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max()
+
+
+def test_transpose_that_moves_the_batch_is_refused():
+    class BatchMover(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize((0.5,), (0.5,))
+            self.conv = nn.Conv2d(1, 2, 1)
+
+        def forward(self, x):
+            return self.conv(self.normalize(x)).transpose(0, 1).flatten(1)
+
+    with pytest.raises(UnsupportedOpError, match="transpose"):
+        prepare_qat(BatchMover().eval(), QuantConfig(), torch.zeros(2, 1, 4, 4))

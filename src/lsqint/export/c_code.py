@@ -189,6 +189,36 @@ static void lq_mul_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int C, int H, int 
             }
 }
 """,
+    "transpose": r"""
+/* y = x with its (up to 6) dims permuted: out_stride[k] is x's stride of output dim k. */
+static void lq_transpose_{XN}(const {X} *x, {X} *y, int rank, const int32_t *out_dims,
+                              const int32_t *src_strides)
+{
+    int32_t index[6] = {0, 0, 0, 0, 0, 0}, total = 1, i;
+    int k;
+    for (k = 0; k < rank; k++) total *= out_dims[k];
+    for (i = 0; i < total; i++) {
+        int32_t source = 0;
+        for (k = 0; k < rank; k++) source += index[k] * src_strides[k];
+        y[i] = x[source];
+        for (k = rank - 1; k >= 0; k--) {
+            if (++index[k] < out_dims[k]) break;
+            index[k] = 0;
+        }
+    }
+}
+""",
+    "slice": r"""
+/* Elements [start, end) of one axis: outer blocks of (end - start) * inner elements. */
+static void lq_slice_{XN}(const {X} *x, {X} *y, int32_t outer, int32_t axis_len, int32_t start,
+                          int32_t end, int32_t inner)
+{
+    int32_t o;
+    for (o = 0; o < outer; o++)
+        memcpy(y + o * (end - start) * inner, x + (o * axis_len + start) * inner,
+               (size_t)((end - start) * inner) * sizeof(*x));
+}
+""",
     "lut": r"""
 static void lq_lut_{XN}_{YN}(const {X} *x, int32_t n, const {Y} *table, int offset, {Y} *y)
 {
@@ -304,7 +334,7 @@ def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
 
     A tensor lives from the node that writes it to the last node that reads it; two tensors
     whose lifetimes overlap get disjoint bytes (an op's output never overlaps its inputs).
-    ``flatten`` writes no bytes: its output is its input's buffer (same C order)."""
+    ``flatten`` and ``reshape`` write no bytes: the output is the input's buffer (same C order)."""
     alias: dict[str, str] = {}  # flatten output -> the tensor whose bytes it reuses
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -314,7 +344,7 @@ def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
             if name != pixels:
                 root = alias.get(name, name)
                 last[root] = max(last[root], i)
-        if node.op == "flatten":
+        if node.op in ("flatten", "reshape"):
             alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
         elif node.op != "output":
             first[node.output] = last[node.output] = i
@@ -501,8 +531,30 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"lq_adaptive_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
                 f"{ref(node.output)}, {a['out_size'][0]}, {a['out_size'][1]}, {a['lcm']});"
             )
-        elif node.op == "flatten":
-            calls.append("/* flatten: the same bytes as its input */")
+        elif node.op in ("flatten", "reshape"):
+            calls.append(f"/* {node.op}: the same bytes as its input */")
+        elif node.op == "transpose":
+            x = tensors[node.inputs[0]]
+            kernel("transpose", X=x.dtype)
+            strides = [int(np.prod(x.shape[k + 1 :])) for k in range(len(x.shape))]
+            consts.append(
+                _array("int32_t", f"{tag}_dims", [out.shape[k] for k in range(len(out.shape))])
+            )
+            consts.append(_array("int32_t", f"{tag}_strides", [strides[q] for q in a["perm"]]))
+            calls.append(
+                f"lq_transpose_{_type_name(x.dtype)}({ref(node.inputs[0])}, {ref(node.output)}, "
+                f"{len(x.shape)}, {tag}_dims, {tag}_strides);"
+            )
+        elif node.op == "slice":
+            x = tensors[node.inputs[0]]
+            kernel("slice", X=x.dtype)
+            axis = a["axis"]
+            outer = int(np.prod(x.shape[:axis]))
+            inner = int(np.prod(x.shape[axis + 1 :]))
+            calls.append(
+                f"lq_slice_{_type_name(x.dtype)}({ref(node.inputs[0])}, {ref(node.output)}, "
+                f"{outer}, {x.shape[axis]}, {a['start']}, {a['end']}, {inner});"
+            )
         elif node.op == "output":
             src = tensors[node.inputs[0]]
             n = int(np.prod(src.shape))

@@ -312,6 +312,22 @@ def _lower(g: _Graph, node: Node) -> None:
         total = g.op("Reshape", [sums, g.const(np.array([0, channels, oh, ow]), "chw")], "pooled")
         g.cast(total, "int32", out)
         g.bounds[node.output] = int(a["acc_bound"])
+    elif node.op == "reshape":
+        g.op("Reshape", [x, g.const(np.array([0, *a["shape"]], np.int64), "shape")], "reshape", out)
+    elif node.op == "transpose":
+        g.op("Transpose", [x], "transpose", out, perm=[0, *(q + 1 for q in a["perm"])])
+    elif node.op == "slice":
+        g.op(
+            "Slice",
+            [
+                x,
+                g.const(np.array([a["start"]], np.int64), "starts"),
+                g.const(np.array([a["end"]], np.int64), "ends"),
+                g.const(np.array([a["axis"] + 1], np.int64), "axes"),
+            ],
+            "slice",
+            out,
+        )
     elif node.op == "flatten":
         g.op("Flatten", [x], "flatten", out, axis=1)
     else:

@@ -98,6 +98,15 @@ class PendingMul:
 
 
 @dataclass
+class Pieces:
+    """A chunk/split of codes along a per-image axis, waiting for getitem to pick a piece."""
+
+    x: Codes
+    axis: int  # per-image axis (batch excluded)
+    bounds: list[tuple[int, int]]
+
+
+@dataclass
 class PendingCat:
     parts: list[Codes]
     act: str | None = None
@@ -218,6 +227,21 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             values[node] = Codes(b.emit("flatten", node.name, [x.tensor], out), x.scale)
         elif kind in ("dropout", "identity"):
             values[node] = args[0]
+        elif kind == "shape":
+            values[node] = None  # Python ints from sizes; ShapeProp already knows every shape
+        elif kind in ("reshape", "transpose"):
+            values[node] = _lower_movement(b, node, kind, _codes(gm, node, args[0]))
+        elif kind == "split":
+            values[node] = _split_pieces(b, node, _codes(gm, node, args[0]))
+        elif kind == "slice":
+            pieces = args[0]
+            start, end = pieces.bounds[node.args[1]]
+            spec = b.tensors[pieces.x.tensor]
+            out = dataclasses.replace(spec, name=node.name, shape=b.shape(node))
+            attrs = {"axis": pieces.axis, "start": start, "end": end}
+            values[node] = Codes(
+                b.emit("slice", node.name, [pieces.x.tensor], out, attrs), pieces.x.scale
+            )
         elif kind == "output":
             _lower_output(b, node, args[0])
         else:
@@ -281,7 +305,10 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
     if isinstance(src, PendingMul):
         m, t = quantize_multiplier(src.a.scale * src.b.scale / s_out)
         attrs = {"m": m, "shift": t, "lo": lo, "hi": hi}
-        return Codes(b.emit("mul", node.name, [src.a.tensor, src.b.tensor], out, attrs), s_out)
+        inputs = [src.a.tensor, src.b.tensor]
+        if b.tensors[inputs[0]].shape != out.shape:  # gate * x: the full tensor goes first
+            inputs.reverse()
+        return Codes(b.emit("mul", node.name, inputs, out, attrs), s_out)
     if isinstance(src, PendingLut):
         return _lower_lut(b, node, src, q, out)
     if isinstance(src, PendingCat):
@@ -292,6 +319,43 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         inputs = [part.tensor for part in src.parts]
         return Codes(b.emit("concat", node.name, inputs, out, attrs), s_out)
     raise UnsupportedOpError(f"{describe(b.gm, node)}: nothing quantizable feeds this quantizer")
+
+
+def _lower_movement(b: _Builder, node: fx.Node, kind: str, x: Codes) -> Codes:
+    """view/reshape and transpose/permute of codes: per image, the batch dim stays first."""
+    spec = b.tensors[x.tensor]
+    out = dataclasses.replace(spec, name=node.name, shape=b.shape(node))
+    if kind == "reshape":
+        return Codes(
+            b.emit("reshape", node.name, [x.tensor], out, {"shape": list(out.shape)}), x.scale
+        )
+    rank = len(spec.shape) + 1
+    dims = [d for d in node.args[1:] if isinstance(d, int)]
+    if node.target in ("permute", torch.permute):
+        if len(node.args) == 2 and isinstance(node.args[1], list | tuple):
+            dims = list(node.args[1])
+        perm = [d % rank for d in dims]
+    else:
+        perm = list(range(rank))
+        d0, d1 = (d % rank for d in dims)
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    attrs = {"perm": [p - 1 for p in perm[1:]]}
+    return Codes(b.emit("transpose", node.name, [x.tensor], out, attrs), x.scale)
+
+
+def _split_pieces(b: _Builder, node: fx.Node, x: Codes) -> Pieces:
+    """torch.chunk / torch.split along channels: the [start, end) of every piece."""
+    channels = b.tensors[x.tensor].shape[0]
+    how = (
+        node.args[1]
+        if len(node.args) > 1
+        else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    )
+    probe = torch.zeros(channels)
+    chunk = node.target in ("chunk", torch.chunk)
+    lengths = [len(p) for p in (probe.chunk(how) if chunk else probe.split(how))]
+    starts = np.cumsum([0, *lengths]).tolist()
+    return Pieces(x, 0, [(starts[i], starts[i + 1]) for i in range(len(lengths))])
 
 
 def _lower_lut(b: _Builder, node: fx.Node, src: PendingLut, q: LSQQuantizer, out) -> Codes:

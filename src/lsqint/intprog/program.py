@@ -38,6 +38,11 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # is on the one scale s_x / lcm (lcm: the least common multiple of the window areas).
     "adaptive_avgpool2d": ((), ("out_size", "lcm", "acc_bound")),
     "flatten": ((), ()),
+    # Pure data movement of codes, per image (the batch dim stays first): a new shape in C order,
+    # a permutation of the per-image dims, and the [start, end) range of one per-image axis.
+    "reshape": ((), ("shape",)),
+    "transpose": ((), ("perm",)),
+    "slice": ((), ("axis", "start", "end")),
     "output": ((), ()),
 }
 

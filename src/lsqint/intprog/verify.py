@@ -396,6 +396,48 @@ def _check_lut(node, ins):
     return dtype, x.shape, lo, hi
 
 
+def _int_list(node, key, lo, hi) -> list[int]:
+    value = node.attrs[key]
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(_is_int(v) and lo <= v <= hi for v in value)
+    ):
+        _fail(node, f"attribute '{key}' must be a list of integers in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _check_reshape(node, ins):
+    (x,) = ins
+    shape = _int_list(node, "shape", 1, MAX_ELEMENTS)
+    if len(shape) > 6 or int(np.prod(shape, dtype=np.int64)) != int(
+        np.prod(x.shape, dtype=np.int64)
+    ):
+        _fail(
+            node,
+            f"shape {shape} does not hold the {int(np.prod(x.shape))} elements of {list(x.shape)}",
+        )
+    return x.dtype, tuple(shape), x.qmin, x.qmax
+
+
+def _check_transpose(node, ins):
+    (x,) = ins
+    perm = _int_list(node, "perm", 0, len(x.shape) - 1)
+    if sorted(perm) != list(range(len(x.shape))):
+        _fail(node, f"perm {perm} is not a permutation of the {len(x.shape)} per-image dims")
+    return x.dtype, tuple(x.shape[p] for p in perm), x.qmin, x.qmax
+
+
+def _check_slice(node, ins):
+    (x,) = ins
+    axis = _int(node, "axis", 0, len(x.shape) - 1)
+    start = _int(node, "start", 0, x.shape[axis] - 1)
+    end = _int(node, "end", start + 1, x.shape[axis])
+    shape = list(x.shape)
+    shape[axis] = end - start
+    return x.dtype, tuple(shape), x.qmin, x.qmax
+
+
 def _check_flatten(node, ins):
     (x,) = ins
     return x.dtype, (int(np.prod(x.shape, dtype=np.int64)),), x.qmin, x.qmax
@@ -409,6 +451,9 @@ _CHECKS = {
     "add": _check_add,
     "concat": _check_concat,
     "lut": _check_lut,
+    "reshape": _check_reshape,
+    "transpose": _check_transpose,
+    "slice": _check_slice,
     "mul": _check_mul,
     "maxpool2d": _check_maxpool,
     "avgpool2d": _check_avgpool,

@@ -44,7 +44,18 @@ def trace(model: nn.Module) -> fx.GraphModule:
 # pass-through ops move codes without changing their scale.
 PRODUCERS = {"normalize", "conv", "linear", "add", "mul", "cat", "avgpool", "lut"}
 ACTIVATIONS = {"relu", "relu6"}
-PASS_THROUGH = {"maxpool", "flatten", "dropout", "identity"}
+PASS_THROUGH = {
+    "maxpool",
+    "flatten",
+    "dropout",
+    "identity",
+    "reshape",
+    "transpose",
+    "split",
+    "slice",
+}
+# Data movement (reshape/view, transpose/permute, chunk/split and their pieces) keeps codes and
+# scales; "shape" nodes compute Python ints from sizes (x.size(0) // 2) and hold no tensor.
 
 _MODULE_KINDS: list[tuple[type, str]] = [
     (Normalize, "normalize"),
@@ -127,6 +138,16 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
                 return kind
         return None
     if node.op == "call_function":
+        if node.target is getattr and node.args[1:] == ("shape",):
+            return "shape"  # x.shape, read by x.shape[0]
+        if node.target in _SHAPE_ARITHMETIC:
+            return _shape_or_piece(gm, node)
+        if node.target in (torch.reshape,):
+            return "reshape"
+        if node.target in (torch.transpose, torch.permute):
+            return "transpose" if _keeps_batch_first(node) else None
+        if node.target in (torch.chunk, torch.split):
+            return "split" if _split_dim(node) == 1 else None
         if node.target is F.hardtanh:
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
             hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
@@ -146,8 +167,59 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_method":
         if node.target == "mean":
             return "avgpool" if _spatial_mean(node) else None
+        if node.target == "size":
+            return "shape"
+        if node.target in ("view", "reshape"):
+            return "reshape"
+        if node.target in ("transpose", "permute"):
+            return "transpose" if _keeps_batch_first(node) else None
+        if node.target in ("chunk", "split"):
+            return "split" if _split_dim(node) == 1 else None
         return _METHOD_KINDS.get(node.target)
     return None
+
+
+_SHAPE_ARITHMETIC = {
+    operator.getitem,
+    operator.floordiv,
+    operator.mul,
+    operator.add,
+    operator.sub,
+}
+
+
+def _shape_or_piece(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """getitem/arithmetic: on sizes it is shape arithmetic; getitem of a chunk/split is one of
+    its pieces; ``add``/``mul`` of tensors are the integer ops."""
+    sources = [a for a in node.args if isinstance(a, fx.Node)]
+    kinds = [node_kind(gm, a) for a in sources]
+    if sources and all(k == "shape" for k in kinds):
+        return "shape"
+    if node.target is operator.getitem and kinds == ["split"]:
+        return "slice"
+    if node.target is operator.add and len(sources) == 2 and not node.kwargs:
+        return "add"
+    if node.target is operator.mul and len(sources) == 2 and not node.kwargs:
+        return "mul"
+    return None
+
+
+def _keeps_batch_first(node: fx.Node) -> bool:
+    """transpose/permute that leaves dim 0 (the batch) where it is."""
+    dims = [d for d in node.args[1:] if isinstance(d, int)]
+    if node.target in ("permute", torch.permute):
+        dims = (
+            list(node.args[1])
+            if len(node.args) == 2 and isinstance(node.args[1], list | tuple)
+            else dims
+        )
+        return bool(dims) and dims[0] == 0
+    return len(dims) == 2 and 0 not in dims
+
+
+def _split_dim(node: fx.Node) -> int | None:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return dim if isinstance(dim, int) else None
 
 
 def mean_keepdim(node: fx.Node) -> bool | None:

@@ -85,9 +85,10 @@ def check_supported(gm: fx.GraphModule) -> None:
         if node_kind(gm, node) is None:
             raise UnsupportedOpError(
                 f"unsupported {describe(gm, node)}: lsqint converts Conv2d, Linear, BatchNorm2d, "
-                "ReLU/ReLU6, add, mul, torch.cat along channels, max/avg pooling, flatten, dropout "
-                "and elementwise Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/GELU/LeakyReLU/ELU; "
-                "rewrite this part of the model with those"
+                "ReLU/ReLU6, add, mul, torch.cat along channels, max/avg pooling, means over H and "
+                "W, elementwise Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/GELU/LeakyReLU/ELU, and "
+                "data movement that keeps the batch first (view/reshape/flatten, transpose/"
+                "permute, chunk/split along channels, dropout); rewrite this part with those"
             )
 
 

@@ -144,6 +144,14 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         return p["table"][inputs[0].astype(np.int64) - a["offset"]]
     if node.op == "adaptive_avgpool2d":
         return adaptive_avgpool_sum(inputs[0], a["out_size"], a["lcm"])
+    if node.op == "reshape":
+        return inputs[0].reshape(inputs[0].shape[0], *a["shape"])
+    if node.op == "transpose":
+        return np.transpose(inputs[0], (0, *(p + 1 for p in a["perm"])))
+    if node.op == "slice":
+        index = [slice(None)] * inputs[0].ndim
+        index[a["axis"] + 1] = slice(a["start"], a["end"])
+        return inputs[0][tuple(index)]
     if node.op == "flatten":
         return inputs[0].reshape(inputs[0].shape[0], -1)
     raise NotImplementedError(f"reference runtime has no op {node.op!r}")

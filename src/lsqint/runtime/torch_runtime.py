@@ -180,6 +180,14 @@ class CompiledProgram:
             return run_adaptive
         if node.op == "flatten":
             return lambda x: x.reshape(x.shape[0], -1)
+        if node.op == "reshape":
+            return lambda x: x.reshape(x.shape[0], *a["shape"])
+        if node.op == "transpose":
+            perm = (0, *(p + 1 for p in a["perm"]))
+            return lambda x: x.permute(perm)
+        if node.op == "slice":
+            axis, start, length = a["axis"] + 1, a["start"], a["end"] - a["start"]
+            return lambda x: x.narrow(axis, start, length)
         raise NotImplementedError(f"torch runtime has no op {node.op!r}")
 
     def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
