@@ -162,25 +162,26 @@ def test_qat_model_trains():
     assert any(p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n.endswith("scale"))
 
 
-class Sigmoidal(nn.Module):
+class CumulativeSum(nn.Module):
     def __init__(self):
         super().__init__()
         self.normalize = create_model("digits_cnn").normalize
         self.conv = nn.Conv2d(1, 4, 3)
 
     def forward(self, x):
-        return torch.sigmoid(self.conv(self.normalize(x))).flatten(1)
+        return torch.cumsum(self.conv(self.normalize(x)), 2).flatten(1)
 
 
 def test_unsupported_function_names_the_node():
     x = torch.zeros(1, 1, 8, 8)
-    with pytest.raises(UnsupportedOpError, match=r"node 'sigmoid' \(call_function sigmoid\)"):
-        prepare_qat(Sigmoidal(), QuantConfig(), x)
+    with pytest.raises(UnsupportedOpError, match=r"node 'cumsum' \(call_function cumsum\)"):
+        prepare_qat(CumulativeSum(), QuantConfig(), x)
 
 
 def test_unsupported_module_names_the_node():
-    model = nn.Sequential(create_model("digits_cnn").normalize, nn.Conv2d(1, 2, 3), nn.GELU())
-    with pytest.raises(UnsupportedOpError, match=r"GELU '2'"):
+    norm = nn.LayerNorm([2, 6, 6])
+    model = nn.Sequential(create_model("digits_cnn").normalize, nn.Conv2d(1, 2, 3), norm)
+    with pytest.raises(UnsupportedOpError, match=r"LayerNorm '2'"):
         prepare_qat(model, QuantConfig(), torch.zeros(1, 1, 8, 8))
 
 
