@@ -203,7 +203,7 @@ class Nonlinear(nn.Module):
 
 
 @pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (3, 6)])
-def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits):
+def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits, tmp_path):
     torch.manual_seed(bits[1])
     model = Nonlinear().eval()
     images = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
@@ -212,6 +212,10 @@ def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits):
     program = convert(qat)
     ops = [n.op for n in program.nodes]
     assert ops.count("lut") == 8 and ops.count("mul") == 2
+    save(program, tmp_path / "p.intprog.safetensors")  # tables survive the file format
+    assert np.array_equal(
+        run(load(tmp_path / "p.intprog.safetensors"), images.numpy()), run(program, images.numpy())
+    )
     gates = [
         n for n in program.nodes if n.op == "lut" and program.tensors[n.output].shape == (8, 1, 1)
     ]
@@ -275,13 +279,15 @@ class ShuffleBlock(nn.Module):
 
 
 @pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8)])
-def test_data_movement_equals_reference_on_every_runtime(bits):
+def test_data_movement_equals_reference_on_every_runtime(bits, tmp_path):
     torch.manual_seed(bits[0])
     model = ShuffleBlock().eval()
     images = torch.randint(0, 256, (3, 3, 5, 4), dtype=torch.uint8)
     qat = prepare_qat(model, QuantConfig(*bits), images)
     calibrate_(qat, images)
     program = convert(qat)
+    save(program, tmp_path / "p.intprog.safetensors")
+    program = load(tmp_path / "p.intprog.safetensors")  # shapes, perms and ranges survive the file
     ops = [n.op for n in program.nodes]
     assert ops.count("slice") == 5 and ops.count("transpose") == 3 and ops.count("reshape") >= 3
     fresh = np.random.default_rng(1).integers(0, 256, (4, 3, 5, 4), dtype=np.uint8)

@@ -27,6 +27,7 @@ CANDIDATES = [
     ("W4A4", RUNS / "recipe/cifar10_resnet20/w4a4", "recipe: KD, from float"),
     ("W3A3", RUNS / "recipe/cifar10_resnet20/w3a3", "recipe: KD, from W4A4"),
     ("W2A2", RUNS / "recipe/cifar10_resnet20/w2a2", "recipe: KD, from W3A3"),
+    ("W2A2 long", RUNS / "long/cifar10_resnet20/w2a2", "KD, from W3A3, wd 1e-4"),
 ]
 
 

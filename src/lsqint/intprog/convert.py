@@ -411,7 +411,11 @@ def _lower_layer(b: _Builder, node: fx.Node, kind: str, x) -> Acc:
         op = "conv2d"
     else:
         op = "linear"
-    name = b.emit(op, node.target, [x.tensor], out, attrs, {"weight": w_q, "bias": bias_q})
+    # Named after the module; a module called twice (a shared layer) gets the fx node's unique
+    # name the second time, since the program file keys parameters by node name.
+    taken = {n.name for n in b.nodes}
+    label = node.target if node.target not in taken else node.name
+    name = b.emit(op, label, [x.tensor], out, attrs, {"weight": w_q, "bias": bias_q})
     return Acc(name, acc_scale, layer=b.nodes[-1])
 
 

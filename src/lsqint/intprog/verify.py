@@ -107,9 +107,13 @@ def verify(program: IntProgram) -> IntProgram:
     if pixels not in program.tensors:
         raise ProgramError("the input node must read one declared pixel tensor")
     inferred: dict[str, TensorSpec] = {pixels: _check_pixels(program.tensors[pixels])}
+    names: set[str] = set()
     for i, node in enumerate(program.nodes):
         if node.op not in OPS:
             _fail(node, f"unknown op; known ops are {sorted(OPS)}")
+        if not isinstance(node.name, str) or node.name in names:
+            _fail(node, "node names must be distinct strings (the file keys parameters by them)")
+        names.add(node.name)
         if node.op == "output" and i != len(program.nodes) - 1:
             _fail(node, "only the last node may be the output")
         param_names, attr_names = OPS[node.op]
