@@ -6,6 +6,7 @@ runtime through ``conftest.DEFAULT_RUNTIMES``; this file checks what is particul
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +16,18 @@ from torch import nn
 from conftest import assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig, prepare_qat
 from lsqint.cli import main
+from lsqint.data import load_data
+from lsqint.evaluation import images_and_labels
 from lsqint.export.c_code import export_c, generate_c, plan_arena
 from lsqint.export.mcu import build_firmware, missing_tools, run_qemu
 from lsqint.intprog import convert
-from lsqint.intprog.artifact import save
+from lsqint.intprog.artifact import load, save
 from lsqint.models import Normalize
 from lsqint.qat import calibrate_
 from lsqint.runtime import run
 from lsqint.runtime.c_runtime import c_compiler
 
+RESULTS = Path("docs/results/cifar10_resnet20_lowbit")
 needs_cc = pytest.mark.skipif(c_compiler() is None, reason="needs a C compiler")
 
 
@@ -118,20 +122,43 @@ needs_arm = pytest.mark.skipif(
 )
 
 
+PROGRAMS = sorted(Path(__file__).parents[1].glob("docs/results/*/*.intprog.safetensors"))
+
+
+@needs_cc
+@pytest.mark.parametrize("path", PROGRAMS, ids=[p.stem for p in PROGRAMS])
+def test_committed_cifar10_programs_are_exact_in_c(path):
+    program = load(path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    assert np.array_equal(run(program, images, runtime="c"), run(program, images))
+
+
 @pytest.mark.mcu
 @needs_arm
-@pytest.mark.parametrize(
-    "name,bits", [("digits_cnn", (2, 2)), ("digits_cnn", (8, 8)), ("resnet20", (4, 4))]
-)
-def test_cortex_m4_under_qemu_equals_reference(tmp_path, name, bits):
-    """Cross-compiled for a Cortex-M4 (soft float ABI, -Os) and run on qemu's mps2-an386."""
-    _, program, _ = random_qat_program(name, QuantConfig(*bits), seed=11)
-    shape = (3,) + tuple(program.input_spec.shape)
-    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    firmware = build_firmware(program, images, tmp_path)
-    got = run_qemu(firmware, timeout=300)
-    assert np.array_equal(got, run(program, images))
+@pytest.mark.parametrize("bits", [(2, 2), (8, 8)])
+def test_cortex_m4_digits_program_on_real_images_equals_reference(tmp_path, bits):
+    """Cross-compiled for a Cortex-M4 (soft float ABI, -Os), run on qemu's mps2-an386, fed
+    images of the embedded digits data."""
+    _, program, _ = random_qat_program("digits_cnn", QuantConfig(*bits), seed=11)
+    images, _ = images_and_labels(load_data("digits", None).val, 6)
+    firmware = build_firmware(program, images.numpy(), tmp_path)
+    assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images.numpy()))
     assert firmware.bss_bytes >= generate_c(program)[2].arena_bytes
+
+
+@pytest.mark.mcu
+@needs_arm
+def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path):
+    """The W2A2 CIFAR-10 resnet20 program of docs/results on the emulated Cortex-M4 (CIFAR-10
+    images where ../shared has them, else random pixels)."""
+    program = load(Path(__file__).parents[1] / RESULTS / "w2a2.intprog.safetensors")
+    try:
+        images = images_and_labels(load_data("cifar10", "../shared/data/cifar10").val, 2)[0]
+        images = images.numpy()
+    except (FileNotFoundError, ValueError):
+        images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    firmware = build_firmware(program, images, tmp_path)
+    assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images))
 
 
 def test_missing_arm_tools_are_named(monkeypatch):
