@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import assert_runtimes_agree
+from conftest import assert_runtimes_agree, randomize_bn_
 from lsqint import QuantConfig, prepare_qat
 from lsqint.intprog import ProgramError, convert, verify
 from lsqint.intprog.artifact import load, save
@@ -312,3 +312,46 @@ def test_transpose_that_moves_the_batch_is_refused():
 
     with pytest.raises(UnsupportedOpError, match="transpose"):
         prepare_qat(BatchMover().eval(), QuantConfig(), torch.zeros(2, 1, 4, 4))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's pre-activation order: BatchNorm -> ReLU -> conv on a concatenation, where no
+    conv precedes the BatchNorm to fold it into (one channel's gamma negative)."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 4, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = self.conv0(self.normalize(x))
+        y = self.conv1(torch.relu(self.norm1(x)))
+        z = torch.relu(self.norm2(torch.cat([x, y], 1)))
+        return self.fc(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8)])
+def test_batchnorm_without_a_conv_before_it_is_an_exact_affine(bits):
+    torch.manual_seed(0)
+    model = randomize_bn_(DenseLayer()).eval()
+    with torch.no_grad():
+        model.norm1.weight[0] = -0.7
+    images = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(*bits), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    assert [n.op for n in program.nodes].count("affine") == 2
+    fresh = np.random.default_rng(2).integers(0, 256, (4, 3, 6, 5), dtype=np.uint8)
+    for batch in (images.numpy(), fresh):
+        assert_runtimes_agree(program, batch, runtimes=RUNTIMES)
+    qat.eval()
+    with torch.no_grad():
+        fq = qat(torch.as_tensor(fresh)).numpy()
+        reference_float = model(torch.as_tensor(fresh).float()).numpy()
+    assert np.abs(run(program, fresh) * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max()
+    if bits == (8, 8):  # the frozen affine is the BN's eval map: close to the float model
+        assert np.abs(fq - reference_float).max() <= 0.1 * np.abs(reference_float).max()

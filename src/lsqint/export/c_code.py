@@ -219,6 +219,17 @@ static void lq_slice_{XN}(const {X} *x, {X} *y, int32_t outer, int32_t axis_len,
                (size_t)((end - start) * inner) * sizeof(*x));
 }
 """,
+    "affine": r"""
+static void lq_affine_{XN}_{YN}(const {X} *x, int C, int HW, const int64_t *a, const int64_t *b,
+                                int shift, int64_t lo, int64_t hi, {Y} *y)
+{
+    int c, i;
+    for (c = 0; c < C; c++)
+        for (i = 0; i < HW; i++)
+            y[c * HW + i] =
+                ({Y})lq_round_clamp((int64_t)x[c * HW + i] * a[c] + b[c], shift, lo, hi);
+}
+""",
     "lut": r"""
 static void lq_lut_{XN}_{YN}(const {X} *x, int32_t n, const {Y} *table, int offset, {Y} *y)
 {
@@ -511,6 +522,19 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"{dims_a[2]}, {dims_b[0]}, {dims_b[1]}, {dims_b[2]}, {_int64_literal(a['m'])}, "
                 f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
                 f"{ref(node.output)});"
+            )
+        elif node.op == "affine":
+            x = tensors[node.inputs[0]]
+            consts.append(_int64_array(f"{tag}_a", p["a"]))
+            consts.append(_int64_array(f"{tag}_b", p["b"]))
+            weight_bytes += 16 * len(p["a"])
+            int8_bytes += 16 * len(p["a"])
+            kernel("affine", X=x.dtype, Y=out.dtype)
+            c, h, w = x.shape
+            calls.append(
+                f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
+                f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(a['lo'])}, "
+                f"{_int64_literal(a['hi'])}, {ref(node.output)});"
             )
         elif node.op == "lut":
             x = tensors[node.inputs[0]]

@@ -293,6 +293,16 @@ def _lower(g: _Graph, node: Node) -> None:
         bound = absmax[0] * absmax[1] * a["m"] + (1 << (t - 1))
         y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
         g.cast(y, spec.dtype, out)
+    elif node.op == "affine":
+        t = a["shift"]
+        cs = _channel_shape(4, len(node.params["a"]))
+        v = g.op("Mul", [g.cast(x, "int64"), g.const(node.params["a"].reshape(cs), "a")], "xa")
+        x_max = max(abs(p.tensors[x_name].qmin), abs(p.tensors[x_name].qmax))
+        bound = x_max * int(np.abs(node.params["a"]).max()) + int(np.abs(node.params["b"]).max())
+        addend = node.params["b"].reshape(cs) + (np.int64(1) << (t - 1))
+        shifts = np.full(len(node.params["a"]), t, np.int64)
+        y = g.floor_shift(v, shifts, bound + (1 << (t - 1)), 1, cs, a["lo"], a["hi"], addend)
+        g.cast(y, spec.dtype, out)
     elif node.op == "lut":
         index = g.op(
             "Sub",

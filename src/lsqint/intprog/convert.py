@@ -107,6 +107,14 @@ class Pieces:
 
 
 @dataclass
+class PendingAffine:
+    x: Codes
+    weight: np.ndarray  # float64 per channel: the frozen BN's gamma / sigma
+    bias: np.ndarray  # float64 per channel: beta - mean * gamma / sigma
+    act: str | None = None
+
+
+@dataclass
 class PendingCat:
     parts: list[Codes]
     act: str | None = None
@@ -192,7 +200,7 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             values[node] = _lower_layer(b, node, kind, args[0])
         elif kind in ("relu", "relu6"):
             src = args[0]
-            pending = Acc | PendingAdd | PendingMul | PendingCat | PendingLut
+            pending = Acc | PendingAdd | PendingMul | PendingCat | PendingLut | PendingAffine
             if not isinstance(src, pending) or src.act is not None:
                 raise UnsupportedOpError(f"{describe(gm, node)}: activation not fused into a layer")
             src.act = kind
@@ -207,6 +215,13 @@ def _lower(gm: fx.GraphModule) -> IntProgram:
             if not (isinstance(a, Codes) and isinstance(c, Codes)):
                 raise UnsupportedOpError(f"{describe(gm, node)} must multiply quantized tensors")
             values[node] = PendingMul(a, c)
+        elif kind == "affine":
+            module = gm.get_submodule(node.target)
+            values[node] = PendingAffine(
+                _codes(gm, node, args[0]),
+                module.weight.detach().double().numpy(),
+                module.bias.detach().double().numpy(),
+            )
         elif kind == "lut":
             values[node] = PendingLut(_codes(gm, node, args[0]), node)
         elif kind == "cat":
@@ -309,6 +324,17 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         if b.tensors[inputs[0]].shape != out.shape:  # gate * x: the full tensor goes first
             inputs.reverse()
         return Codes(b.emit("mul", node.name, inputs, out, attrs), s_out)
+    if isinstance(src, PendingAffine):
+        # y = x * (w * s_x / s_out) + b / s_out, on one shift like the input op.
+        real_a = src.weight * src.x.scale / s_out
+        real_b = src.bias / s_out
+        _, t = quantize_multiplier(float(np.abs(real_a).max()))
+        params = {
+            "a": np.round(real_a * 2.0**t).astype(np.int64),
+            "b": np.round(real_b * 2.0**t).astype(np.int64),
+        }
+        attrs = {"shift": t, "lo": lo, "hi": hi}
+        return Codes(b.emit("affine", node.name, [src.x.tensor], out, attrs, params), s_out)
     if isinstance(src, PendingLut):
         return _lower_lut(b, node, src, q, out)
     if isinstance(src, PendingCat):

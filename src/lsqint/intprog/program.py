@@ -31,6 +31,9 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # An elementwise function of one code: y = table[x - offset] (table: one entry per code of
     # the input's range, values in [lo, hi]).
     "lut": (("table",), ("offset", "lo", "hi")),
+    # A per-channel affine map of codes (a BatchNorm with no conv before it):
+    # clamp((x*a[c] + b[c] + 2^(t-1)) >> t), the input op's rule on codes.
+    "affine": (("a", "b"), ("shift", "lo", "hi")),
     "maxpool2d": ((), ("kernel", "stride", "padding", "dilation", "ceil_mode")),
     "avgpool2d": ((), ("kernel", "stride", "padding", "acc_bound")),
     # Adaptive average pooling with windows of unequal size (PyTorch's rule: rows

@@ -385,6 +385,21 @@ def _check_mul(node, ins):
     return dtype, a.shape, lo, hi
 
 
+def _check_affine(node, ins):
+    (x,) = ins
+    a, b = node.params["a"], node.params["b"]
+    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
+    if x.dtype not in CODE_DTYPES or len(x.shape) != 3:
+        _fail(node, f"affine reads (C, H, W) 8-bit codes, got {x.dtype}{x.shape}")
+    if a.dtype != np.int64 or b.dtype != np.int64 or a.shape != b.shape or a.shape != (x.shape[0],):
+        _fail(node, "a, b must be int64 with one value per channel")
+    worst = _absmax(x) * int(np.abs(a).max()) + int(np.abs(b).max()) + (1 << (t - 1))
+    if worst >= 1 << 63:
+        _fail(node, f"x * a + b can reach {worst}, overflowing int64")
+    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
+    return dtype, x.shape, lo, hi
+
+
 def _check_lut(node, ins):
     (x,) = ins
     table = node.params["table"]
@@ -455,6 +470,7 @@ _CHECKS = {
     "add": _check_add,
     "concat": _check_concat,
     "lut": _check_lut,
+    "affine": _check_affine,
     "reshape": _check_reshape,
     "transpose": _check_transpose,
     "slice": _check_slice,

@@ -12,7 +12,7 @@ from torchvision.ops import StochasticDepth
 
 from ..models.common import Normalize
 from ..quant import LSQQuantizer
-from .modules import QuantConv2d, QuantLinear
+from .modules import ChannelAffine, QuantConv2d, QuantLinear
 
 
 class UnsupportedOpError(ValueError):
@@ -23,7 +23,10 @@ class LsqintTracer(fx.Tracer):
     """torch.fx tracer that keeps lsqint's own modules as single (leaf) nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, Normalize | LSQQuantizer | QuantConv2d | QuantLinear | StochasticDepth):
+        leaves = (
+            Normalize | LSQQuantizer | QuantConv2d | QuantLinear | ChannelAffine | StochasticDepth
+        )
+        if isinstance(m, leaves):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -42,7 +45,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 # Node kinds. Producers create a new integer tensor (an activation quantizer follows them);
 # pass-through ops move codes without changing their scale.
-PRODUCERS = {"normalize", "conv", "linear", "add", "mul", "cat", "avgpool", "lut"}
+PRODUCERS = {"normalize", "conv", "linear", "add", "mul", "cat", "avgpool", "lut", "affine"}
 ACTIVATIONS = {"relu", "relu6"}
 PASS_THROUGH = {
     "maxpool",
@@ -62,6 +65,7 @@ _MODULE_KINDS: list[tuple[type, str]] = [
     (LSQQuantizer, "quantizer"),
     (QuantConv2d, "conv"),
     (QuantLinear, "linear"),
+    (ChannelAffine, "affine"),
     (nn.Conv2d, "conv"),
     (nn.Linear, "linear"),
     (nn.BatchNorm2d, "batchnorm"),

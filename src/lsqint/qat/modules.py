@@ -7,6 +7,7 @@ program stores it (``bias_q = round(bias / (s_x * s_w))``), so training sees wha
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -76,3 +77,21 @@ class QuantLinear(nn.Linear):
         if bias is not None and input_scale is not None:
             bias = _bias_fake_quant(bias, input_scale * self.weight_quantizer.effective_scale())
         return F.linear(x, w_fq, bias)
+
+
+class ChannelAffine(nn.Module):
+    """A BatchNorm that follows no conv (DenseNet's BN -> ReLU -> conv on a concatenation),
+    frozen to its eval-mode map ``x * weight[c] + bias[c]`` at prepare time (as a folded BN is);
+    weight and bias keep training. The program runs it as the ``affine`` op on codes."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        inv_std = (bn.running_var.detach() + bn.eps).rsqrt()
+        gamma = bn.weight.detach() if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(inv_std)
+        self.weight = nn.Parameter((gamma * inv_std).clone())
+        self.bias = nn.Parameter((beta - bn.running_mean.detach() * gamma * inv_std).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)

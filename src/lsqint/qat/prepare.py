@@ -38,7 +38,7 @@ from .graph import (
     node_kind,
     trace,
 )
-from .modules import QuantConv2d, QuantLinear
+from .modules import ChannelAffine, QuantConv2d, QuantLinear
 
 
 def prepare_qat(
@@ -121,10 +121,9 @@ def fold_batchnorm_(gm: fx.GraphModule) -> None:
             continue
         src = node.args[0]
         if not (isinstance(src, fx.Node) and node_kind(gm, src) == "conv" and len(src.users) == 1):
-            raise UnsupportedOpError(
-                f"cannot fold {describe(gm, node)}: a BatchNorm must directly follow a Conv2d "
-                "whose output nothing else reads"
-            )
+            # Nothing to fold into (DenseNet's BN on a concatenation): a per-channel affine.
+            _set_submodule(gm, node.target, ChannelAffine(gm.get_submodule(node.target)))
+            continue
         folded = fold_bn_into_conv(gm.get_submodule(src.target), gm.get_submodule(node.target))
         _set_submodule(gm, src.target, folded)
         node.replace_all_uses_with(src)
@@ -298,7 +297,7 @@ def connect_input_scales_(gm: fx.GraphModule) -> None:
 def check_quantized_inputs(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         kind = node_kind(gm, node)
-        if kind in ("conv", "linear", "avgpool", "add", "mul", "cat", "lut"):
+        if kind in ("conv", "linear", "avgpool", "add", "mul", "cat", "lut", "affine"):
             if kind == "cat":
                 args = cat_inputs(node)
             else:

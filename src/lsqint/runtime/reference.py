@@ -140,6 +140,9 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
         x_a, x_b = (v.astype(np.int64) for v in inputs)
         acc = x_a * x_b * np.int64(a["m"])
         return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+    if node.op == "affine":
+        acc = inputs[0].astype(np.int64) * _channel(p["a"], 4) + _channel(p["b"], 4)
+        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
     if node.op == "lut":
         return p["table"][inputs[0].astype(np.int64) - a["offset"]]
     if node.op == "adaptive_avgpool2d":

@@ -156,6 +156,17 @@ class CompiledProgram:
                 return _rounding_shift(acc, shift).clamp_(lo, hi).to(torch.float32)
 
             return run_mul
+        if node.op == "affine":
+            self.paths[node.name] = "int64"
+            scale_a = self._channel(node.params["a"], 4)
+            shift_b = self._channel(node.params["b"], 4)
+            lo, hi, t = a["lo"], a["hi"], a["shift"]
+
+            def run_affine(x):
+                acc = x.to(torch.int64) * scale_a + shift_b
+                return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
+
+            return run_affine
         if node.op == "lut":
             table = self._param(node, "table", torch.float32)
             offset = a["offset"]
