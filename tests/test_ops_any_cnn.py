@@ -355,3 +355,23 @@ def test_batchnorm_without_a_conv_before_it_is_an_exact_affine(bits):
     assert np.abs(run(program, fresh) * program.output_scale - fq).max() <= 0.05 * np.abs(fq).max()
     if bits == (8, 8):  # the frozen affine is the BN's eval map: close to the float model
         assert np.abs(fq - reference_float).max() <= 0.1 * np.abs(reference_float).max()
+
+
+def test_model_ending_in_pooling_gives_8_bit_code_logits():
+    """SqueezeNet's end: conv -> ReLU -> global average pool -> flatten; the logits are the
+    pool's codes, at the last layer's 8 bits, widened to int32 by the output."""
+    model = nn.Sequential(
+        Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+        nn.Conv2d(3, 5, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
+    qat = prepare_qat(model, QuantConfig(2, 2), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    assert program.output_spec.dtype == "uint8" and program.output_spec.qmax == 255
+    logits = assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
+    assert logits.dtype == np.int32 and logits.shape == (4, 5)

@@ -158,11 +158,19 @@ def verify(program: IntProgram) -> IntProgram:
             _fail(node, f"output shape {list(shape)} is too large")
         inferred[node.output] = recorded
     out = inferred[last.inputs[0]]
-    if len(out.shape) != 1 or out.dtype != "int32":
-        _fail(last, f"logits must be int32 of shape (classes,), got {out.dtype}{out.shape}")
-    producer = next(n for n in program.nodes if n.output == last.inputs[0])
-    if producer.op not in ("linear", "requantize", "conv2d"):
-        _fail(last, f"logits must come from a layer or its requantize, not {producer.op!r}")
+    if len(out.shape) != 1:
+        _fail(last, f"logits must have shape (classes,), got {out.dtype}{out.shape}")
+    producers = {n.output: n for n in program.nodes if n.op != "output"}
+    producer = producers[last.inputs[0]]
+    if out.dtype == "int32":
+        if producer.op not in ("linear", "requantize", "conv2d"):
+            _fail(last, f"logits must come from a layer or its requantize, not {producer.op!r}")
+    else:
+        # Codes as logits: a model that ends in pooling after its last conv (SqueezeNet's
+        # conv -> ReLU -> global average pool); the output widens them to int32.
+        source = producers.get(producer.inputs[0]) if producer.op == "flatten" else producer
+        if source is None or source.op != "requantize":
+            _fail(last, "8-bit logits must be a requantize's codes (optionally flattened)")
     if out.scale is None or len(out.scale) != 1:
         _fail(last, "logits must carry one positive scale")
     return program

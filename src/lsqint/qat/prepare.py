@@ -205,6 +205,14 @@ def _feeds_last_layer(gm: fx.GraphModule, node: fx.Node, last: fx.Node | None) -
     return _skip_pass_through(gm, last.args[0]) is _skip_pass_through(gm, node)
 
 
+def _is_model_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A producer whose (quantized) output is the model's output: the logits are codes (a model
+    that pools after its last conv, as SqueezeNet does), so they get the last layer's bits."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    return isinstance(result, fx.Node) and _skip_pass_through(gm, result) is node
+
+
 def _feeds_only_adds(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True when every reader of ``node`` (through pass-through ops) is a residual add."""
     readers = list(node.users)
@@ -240,7 +248,8 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
             bits = config.input_bits
         else:
             bits = config.act_bits
-            if _feeds_last_layer(gm, end, last) and config.first_last_bits is not None:
+            edge = _feeds_last_layer(gm, end, last) or _is_model_output(gm, node)
+            if edge and config.first_last_bits is not None:
                 bits = config.first_last_bits
             elif config.residual_bits is not None and _feeds_only_adds(gm, end):
                 bits = config.residual_bits
