@@ -375,3 +375,31 @@ def test_model_ending_in_pooling_gives_8_bit_code_logits():
     assert program.output_spec.dtype == "uint8" and program.output_spec.qmax == 255
     logits = assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
     assert logits.dtype == np.int32 and logits.shape == (4, 5)
+
+
+def test_functional_avg_pool2d_with_keywords_converts():
+    """Inception writes F.avg_pool2d(x, kernel_size=3, stride=1, padding=1): a C builtin whose
+    signature inspect cannot read."""
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(self.normalize(x)))
+            return self.fc(torch.flatten(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1), 1))
+
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    qat = prepare_qat(Pool().eval(), QuantConfig(), images)
+    calibrate_(qat, images)
+    program = convert(qat)
+    pool = next(n for n in program.nodes if n.op == "avgpool2d")
+    assert (pool.attrs["kernel"], pool.attrs["stride"], pool.attrs["padding"]) == (
+        [3, 3],
+        [1, 1],
+        [1, 1],
+    )
+    assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)

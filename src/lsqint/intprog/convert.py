@@ -508,8 +508,18 @@ def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
+def _avg_pool2d_signature(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None,
+):  # fmt: skip
+    """F.avg_pool2d's documented parameters: it is a C builtin, inspect cannot read them."""
+
+
+_SIGNATURES = {F.avg_pool2d: _avg_pool2d_signature}
+
+
 def _call_args(fn, node: fx.Node) -> dict:
-    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    bound = inspect.signature(_SIGNATURES.get(fn, fn)).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 
