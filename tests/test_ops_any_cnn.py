@@ -377,9 +377,9 @@ def test_model_ending_in_pooling_gives_8_bit_code_logits():
     assert logits.dtype == np.int32 and logits.shape == (4, 5)
 
 
-def test_functional_avg_pool2d_with_keywords_converts():
-    """Inception writes F.avg_pool2d(x, kernel_size=3, stride=1, padding=1): a C builtin whose
-    signature inspect cannot read."""
+def test_functional_pooling_with_keywords_converts():
+    """Inception writes F.avg_pool2d(x, kernel_size=3, stride=1, padding=1) and F.max_pool2d
+    likewise: a C builtin and a dispatch wrapper whose signatures inspect cannot read."""
 
     class Pool(nn.Module):
         def __init__(self):
@@ -390,6 +390,7 @@ def test_functional_avg_pool2d_with_keywords_converts():
 
         def forward(self, x):
             x = torch.relu(self.conv(self.normalize(x)))
+            x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
             return self.fc(torch.flatten(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1), 1))
 
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)

@@ -512,10 +512,17 @@ def _avg_pool2d_signature(
     input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
     divisor_override=None,
 ):  # fmt: skip
-    """F.avg_pool2d's documented parameters: it is a C builtin, inspect cannot read them."""
+    """F.avg_pool2d's documented parameters: a C builtin, so inspect cannot read them."""
 
 
-_SIGNATURES = {F.avg_pool2d: _avg_pool2d_signature}
+def _max_pool2d_signature(
+    input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+    return_indices=False,
+):  # fmt: skip
+    """F.max_pool2d's documented parameters: a dispatch wrapper taking (*args, **kwargs)."""
+
+
+_SIGNATURES = {F.avg_pool2d: _avg_pool2d_signature, F.max_pool2d: _max_pool2d_signature}
 
 
 def _call_args(fn, node: fx.Node) -> dict:
