@@ -49,7 +49,7 @@ def programs(work: Path):
         qat = train_qat(digits_args(epochs=10, lr=0.01, w_num_bits=bits, a_num_bits=bits, **base))
         yield f"digits_cnn W{bits}A{bits}", load(qat["program"]), images.numpy()
     cifar = images_and_labels(load_data("cifar10", args.cifar_root).val, args.host_images)[0]
-    for name in ("w4a4", "w3a3", "w2a2"):
+    for name in ("w4a4", "w3a3", "w2a2", "w2a2_long"):
         path = RESULTS / f"{name}.intprog.safetensors"
         yield f"cifar10 resnet20 {name.upper()}", load(path), cifar.numpy()
 
