@@ -65,17 +65,6 @@ static void lq_unpack(const uint8_t *packed, int bits, int32_t k0, int32_t n, in
 """
 
 _KERNELS = {
-    "input": r"""
-static void lq_input(const uint8_t *x, int C, int HW, const int64_t *a, const int64_t *b,
-                     int shift, int64_t lo, int64_t hi, {Y} *y)
-{
-    int c, i;
-    for (c = 0; c < C; c++)
-        for (i = 0; i < HW; i++)
-            y[c * HW + i] =
-                ({Y})lq_round_clamp((int64_t)x[c * HW + i] * a[c] + b[c], shift, lo, hi);
-}
-""",
     "conv2d": r"""
 static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, int bits,
                          const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH, int KW,
@@ -413,14 +402,21 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
         a, p = node.attrs, node.params
         tag = f"n{index}"
         out = tensors.get(node.output)
-        if node.op == "input":
-            c, h, w = tensors[node.inputs[0]].shape
+        if node.op in ("input", "affine"):
+            # The input op is the affine rule on pixels: one kernel for both.
+            x = tensors[node.inputs[0]]
             consts.append(_int64_array(f"{tag}_a", p["a"]))
             consts.append(_int64_array(f"{tag}_b", p["b"]))
-            kernel("input", Y=out.dtype)
+            if node.op == "affine":  # a layer's parameters (the input's are the normalization)
+                weight_bytes += 16 * len(p["a"])
+                int8_bytes += 16 * len(p["a"])
+            lo, hi = (a["qmin"], a["qmax"]) if node.op == "input" else (a["lo"], a["hi"])
+            kernel("affine", X=x.dtype, Y=out.dtype)
+            c, h, w = x.shape
             calls.append(
-                f"lq_input(pixels, {c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, "
-                f"{_int64_literal(a['qmin'])}, {_int64_literal(a['qmax'])}, {ref(node.output)});"
+                f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
+                f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(lo)}, "
+                f"{_int64_literal(hi)}, {ref(node.output)});"
             )
         elif node.op in ("conv2d", "linear"):
             weight = np.asarray(p["weight"])
@@ -522,19 +518,6 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 f"{dims_a[2]}, {dims_b[0]}, {dims_b[1]}, {dims_b[2]}, {_int64_literal(a['m'])}, "
                 f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
                 f"{ref(node.output)});"
-            )
-        elif node.op == "affine":
-            x = tensors[node.inputs[0]]
-            consts.append(_int64_array(f"{tag}_a", p["a"]))
-            consts.append(_int64_array(f"{tag}_b", p["b"]))
-            weight_bytes += 16 * len(p["a"])
-            int8_bytes += 16 * len(p["a"])
-            kernel("affine", X=x.dtype, Y=out.dtype)
-            c, h, w = x.shape
-            calls.append(
-                f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
-                f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(a['lo'])}, "
-                f"{_int64_literal(a['hi'])}, {ref(node.output)});"
             )
         elif node.op == "lut":
             x = tensors[node.inputs[0]]

@@ -197,18 +197,22 @@ def _code_range(node, lo: int, hi: int) -> tuple[str, int, int]:
     return ("int8" if lo < 0 else "uint8"), lo, hi
 
 
-def _check_input(node, ins):
-    (x,) = ins
+def _checked_affine(node, x, lo_key: str, hi_key: str):
+    """clamp((x*a[c] + b[c] + 2^(t-1)) >> t, lo, hi): the input op on pixels, affine on codes."""
     a, b = node.params["a"], node.params["b"]
     t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
-    qmin, qmax = _int(node, "qmin"), _int(node, "qmax")
     if a.dtype != np.int64 or b.dtype != np.int64 or a.shape != b.shape or a.shape != (x.shape[0],):
         _fail(node, "a, b must be int64 with one value per input channel")
-    dtype, lo, hi = _code_range(node, qmin, qmax)
-    worst = 255 * int(np.abs(a).max()) + int(np.abs(b).max()) + (1 << (t - 1))
+    worst = _absmax(x) * int(np.abs(a).max()) + int(np.abs(b).max()) + (1 << (t - 1))
     if worst >= 1 << 63:
-        _fail(node, f"p * a + b can reach {worst}, overflowing int64")
+        _fail(node, f"x * a + b can reach {worst}, overflowing int64")
+    dtype, lo, hi = _code_range(node, _int(node, lo_key), _int(node, hi_key))
     return dtype, x.shape, lo, hi
+
+
+def _check_input(node, ins):
+    (x,) = ins  # uint8 pixels, checked by _check_pixels
+    return _checked_affine(node, x, "qmin", "qmax")
 
 
 def _out_size(node, size, kernel, stride, padding, dilation, ceil_mode=False) -> int:
@@ -395,17 +399,9 @@ def _check_mul(node, ins):
 
 def _check_affine(node, ins):
     (x,) = ins
-    a, b = node.params["a"], node.params["b"]
-    t = _int(node, "shift", SHIFT_MIN, SHIFT_MAX)
     if x.dtype not in CODE_DTYPES or len(x.shape) != 3:
         _fail(node, f"affine reads (C, H, W) 8-bit codes, got {x.dtype}{x.shape}")
-    if a.dtype != np.int64 or b.dtype != np.int64 or a.shape != b.shape or a.shape != (x.shape[0],):
-        _fail(node, "a, b must be int64 with one value per channel")
-    worst = _absmax(x) * int(np.abs(a).max()) + int(np.abs(b).max()) + (1 << (t - 1))
-    if worst >= 1 << 63:
-        _fail(node, f"x * a + b can reach {worst}, overflowing int64")
-    dtype, lo, hi = _code_range(node, _int(node, "lo"), _int(node, "hi"))
-    return dtype, x.shape, lo, hi
+    return _checked_affine(node, x, "lo", "hi")
 
 
 def _check_lut(node, ins):

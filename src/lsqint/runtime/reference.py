@@ -105,10 +105,10 @@ def _channel(p: np.ndarray, ndim: int) -> np.ndarray:
 def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
     a = node.attrs
     p = node.params
-    if node.op == "input":
-        pixels = inputs[0].astype(np.int64)
-        acc = pixels * _channel(p["a"], 4) + _channel(p["b"], 4)
-        return np.clip(rounding_shift(acc, a["shift"]), a["qmin"], a["qmax"])
+    if node.op in ("input", "affine"):  # the same rule on pixels and on codes
+        acc = inputs[0].astype(np.int64) * _channel(p["a"], 4) + _channel(p["b"], 4)
+        lo, hi = (a["qmin"], a["qmax"]) if node.op == "input" else (a["lo"], a["hi"])
+        return np.clip(rounding_shift(acc, a["shift"]), lo, hi)
     if node.op == "conv2d":
         return conv2d(
             inputs[0], p["weight"], p["bias"], a["stride"], a["padding"], a["dilation"], a["groups"]
@@ -139,9 +139,6 @@ def run_node(node: Node, inputs: list[np.ndarray]) -> np.ndarray:
     if node.op == "mul":
         x_a, x_b = (v.astype(np.int64) for v in inputs)
         acc = x_a * x_b * np.int64(a["m"])
-        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
-    if node.op == "affine":
-        acc = inputs[0].astype(np.int64) * _channel(p["a"], 4) + _channel(p["b"], 4)
         return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
     if node.op == "lut":
         return p["table"][inputs[0].astype(np.int64) - a["offset"]]

@@ -81,8 +81,8 @@ class CompiledProgram:
     def _build(self, node: Node) -> Callable:
         a = node.attrs
         dev = self.device
-        if node.op == "input":
-            return self._build_input(node)
+        if node.op in ("input", "affine"):
+            return self._build_affine(node)
         if node.op in ("conv2d", "linear"):
             dtype = _float_dtype(a["acc_bound"], dev)
             self.paths[node.name] = str(dtype).replace("torch.", "")
@@ -156,17 +156,6 @@ class CompiledProgram:
                 return _rounding_shift(acc, shift).clamp_(lo, hi).to(torch.float32)
 
             return run_mul
-        if node.op == "affine":
-            self.paths[node.name] = "int64"
-            scale_a = self._channel(node.params["a"], 4)
-            shift_b = self._channel(node.params["b"], 4)
-            lo, hi, t = a["lo"], a["hi"], a["shift"]
-
-            def run_affine(x):
-                acc = x.to(torch.int64) * scale_a + shift_b
-                return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
-
-            return run_affine
         if node.op == "lut":
             table = self._param(node, "table", torch.float32)
             offset = a["offset"]
@@ -215,11 +204,14 @@ class CompiledProgram:
                 return M, C, dtype
         return None
 
-    def _build_input(self, node: Node) -> Callable:
+    def _build_affine(self, node: Node) -> Callable:
+        """The input op (pixels) and the affine op (codes): one rule, x*a[c] + b[c] >> t."""
         a = node.attrs
-        lo, hi, t = a["qmin"], a["qmax"], a["shift"]
+        lo, hi = (a["qmin"], a["qmax"]) if node.op == "input" else (a["lo"], a["hi"])
+        t = a["shift"]
+        x = self.program.tensors[node.inputs[0]]
         ca, cb = node.params["a"], node.params["b"]
-        plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, 0, 255, 4)
+        plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, x.qmin, x.qmax, 4)
         if plan is not None:
             M, C, dtype = plan
             return lambda x: x.to(dtype).mul_(M).add_(C).floor_().clamp_(lo, hi).to(torch.float32)
@@ -227,11 +219,11 @@ class CompiledProgram:
         scale_a = self._channel(ca, 4)
         bias_b = self._channel(cb, 4)
 
-        def run_input(x):
+        def run_affine(x):
             acc = x.to(torch.int64) * scale_a + bias_b
             return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
 
-        return run_input
+        return run_affine
 
     def _build_requantize(self, node: Node) -> Callable:
         lo, hi = node.attrs["lo"], node.attrs["hi"]
