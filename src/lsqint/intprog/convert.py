@@ -34,6 +34,7 @@ from ..qat.graph import (
     cat_inputs,
     describe,
     mean_keepdim,
+    movement_dims,
     node_kind,
 )
 from ..qat.prepare import quantizers
@@ -356,10 +357,8 @@ def _lower_movement(b: _Builder, node: fx.Node, kind: str, x: Codes) -> Codes:
             b.emit("reshape", node.name, [x.tensor], out, {"shape": list(out.shape)}), x.scale
         )
     rank = len(spec.shape) + 1
-    dims = [d for d in node.args[1:] if isinstance(d, int)]
+    dims = movement_dims(node)
     if node.target in ("permute", torch.permute):
-        if len(node.args) == 2 and isinstance(node.args[1], list | tuple):
-            dims = list(node.args[1])
         perm = [d % rank for d in dims]
     else:
         perm = list(range(rank))

@@ -208,15 +208,18 @@ def _shape_or_piece(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+def movement_dims(node: fx.Node) -> list[int]:
+    """The dims a transpose (two) or permute (all, in their new order) names, as written."""
+    if node.target in ("permute", torch.permute) and len(node.args) == 2:
+        if isinstance(node.args[1], list | tuple):
+            return list(node.args[1])  # x.permute((0, 2, 3, 1)) / torch.permute(x, dims)
+    return [d for d in node.args[1:] if isinstance(d, int)]
+
+
 def _keeps_batch_first(node: fx.Node) -> bool:
     """transpose/permute that leaves dim 0 (the batch) where it is."""
-    dims = [d for d in node.args[1:] if isinstance(d, int)]
+    dims = movement_dims(node)
     if node.target in ("permute", torch.permute):
-        dims = (
-            list(node.args[1])
-            if len(node.args) == 2 and isinstance(node.args[1], list | tuple)
-            else dims
-        )
         return bool(dims) and dims[0] == 0
     return len(dims) == 2 and 0 not in dims
 
