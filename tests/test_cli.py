@@ -116,13 +116,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     ref = lsqint("train", *args, "--log-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     cmd = [sys.executable, "-m", "lsqint", "train", *args, "--log-dir", str(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.split()[:1] == ["1"]:  # the epoch-1 row: its checkpoint is on disk
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    _kill_after_epoch(cmd, 1)
     last = tmp_path / "killed" / "digits_digits_cnn" / "float" / "last.pt"
     assert load_checkpoint(last)["epoch"] < 4  # stopped before the end
     resumed = lsqint("train", *args, "--log-dir", str(tmp_path / "killed"), "--resume")
@@ -133,6 +127,59 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["best_acc"] == b["best_acc"]
+
+
+def _kill_after_epoch(cmd: list[str], epoch: int) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.split()[:1] == [str(epoch)]:  # that epoch's row: its checkpoint is on disk
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_bn_aware_qat_freezes_on_schedule_and_resumes_to_identical_weights(tmp_path, digits_runs):
+    """--bn-aware-epochs 1: epoch 1 trains with live BatchNorm, then BN folds for good; a run
+    killed after the fold resumes (folding again before loading) to the same weights."""
+    from lsqint.runs import holds_batchnorm
+
+    float_ckpt = digits_runs["float"]["checkpoint"]
+    args = [*DIGITS, "-e", "3", "-w", "3", "-a", "3", "--lr", "0.01", "--seed", "3"]
+    args += ["--bn-aware-epochs", "1", "--init", float_ckpt]
+    ref = lsqint("qat", *args, "--log-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    assert "epoch 1: BatchNorm statistics frozen" in ref.stdout
+    cmd = [sys.executable, "-m", "lsqint", "qat", *args, "--log-dir", str(tmp_path / "killed")]
+    _kill_after_epoch(cmd, 2)
+    run = tmp_path / "killed" / "digits_digits_cnn" / "w3a3"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    resumed = lsqint("qat", *args, "--log-dir", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(tmp_path / "ref" / "digits_digits_cnn" / "w3a3" / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and not holds_batchnorm(a["model"])
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["meta"]["bn_aware_epochs"] == 1
+    # Whichever epoch was best (BN live or folded), its program is saved and `infer` agrees.
+    out_json = tmp_path / "infer.json"
+    infer = lsqint(
+        "infer",
+        *DIGITS,
+        "--log-dir",
+        str(tmp_path / "killed"),
+        "-w",
+        "3",
+        "-a",
+        "3",
+        "--json",
+        str(out_json),
+    )
+    assert infer.returncode == 0, infer.stderr
+    assert json.loads(out_json.read_text())["agreement"] == 1.0
 
 
 def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, digits_runs):

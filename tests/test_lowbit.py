@@ -147,3 +147,66 @@ def test_qat_with_distillation_and_progressive_init(tmp_path, digits_runs):
     assert meta["init"] == source
     assert meta["distill"]["teacher"] == digits_runs["float"]["checkpoint"]
     assert result["history"][0]["train_acc"] > 0.5  # the 4-bit weights carry over
+
+
+def _bn_aware_resnet(bits=3):
+    from lsqint.qat import QuantConvBn2d
+
+    model = randomize_bn_(create_model("resnet20", 10, 16, 3, (0.5,) * 3, (0.25,) * 3)).eval()
+    images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    qat = prepare_qat(model, QuantConfig(weight_bits=bits, act_bits=bits), images, bn_aware=True)
+    layers = [m for m in qat.modules() if isinstance(m, QuantConvBn2d)]
+    assert len(layers) == 21  # every conv of resnet20 has its BN
+    return qat, layers, images.float()
+
+
+def test_bn_aware_layers_normalize_with_batch_statistics_and_fold_exactly():
+    """BN-aware QAT (issue 9, item 2): in training the BNs use and update batch statistics; in
+    eval the model equals its folded form bit for bit, and so does the integer program."""
+    from lsqint import convert, run
+    from lsqint.qat import freeze_batchnorm_
+
+    qat, layers, images = _bn_aware_resnet()
+    calibrate_(qat, images)
+    before = [m.bn.running_mean.clone() for m in layers]
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = qat.train()(images).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(not torch.equal(b, m.bn.running_mean) for b, m in zip(before, layers, strict=True))
+    assert all(m.bn.weight.grad is not None for m in layers)  # gamma trains through the fold
+    # The conv output is normalized with this batch's statistics, not the running ones.
+    first = layers[1]
+    seen = {}
+    hook = first.bn.register_forward_hook(lambda mod, i, o: seen.update(out=o.detach().clone()))
+    qat.train()(images)
+    hook.remove()
+    mean = seen["out"].mean((0, 2, 3))
+    torch.testing.assert_close(mean, first.bn.bias.detach(), atol=1e-4, rtol=0)
+
+    expected = qat.eval()(images)
+    program = convert(qat)  # folds a copy
+    assert any(isinstance(m, type(first)) for m in qat.modules())  # the model is left as it was
+    frozen = freeze_batchnorm_(qat)
+    assert frozen == 21 and not any(isinstance(m, type(first)) for m in qat.modules())
+    assert torch.equal(qat.eval()(images), expected)
+    codes = images.to(torch.uint8)
+    reference = torch.as_tensor(run(program, codes, runtime="reference"))
+    assert torch.equal(reference, torch.as_tensor(run(program, codes, runtime="torch")))
+    assert torch.equal(reference.argmax(1), expected.argmax(1))
+
+
+def test_bn_aware_layer_starts_equal_to_a_folded_checkpoint():
+    """Progressive init into a BN-aware model: the BN is set from the calibration batch so that
+    the layer equals the folded conv it was given (folding factor 1, beta = mean + bias)."""
+    qat, layers, images = _bn_aware_resnet()
+    layer = layers[3]
+    weight = torch.randn_like(layer.weight) * 0.1
+    bias = torch.randn(layer.out_channels) * 0.1
+    layer.start_from_folded_(weight, bias)
+    calibrate_(qat, images)
+    folded_weight, folded_bias = layer.folded()
+    torch.testing.assert_close(folded_weight, weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(folded_bias, bias, rtol=0, atol=1e-5)

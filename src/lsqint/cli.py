@@ -97,6 +97,13 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
         help="step-size initialization: mse (least quantization error; default) or lsq "
         "(the paper's 2*mean|x|/sqrt(qmax), which collapses 2-bit ReLU outputs)",
     )
+    p.add_argument(
+        "--bn-aware-epochs",
+        type=_at_least(0),
+        default=0,
+        help="BN-aware QAT: BatchNorm keeps normalizing with batch statistics (the quantizer "
+        "sees the folded weights) for this many epochs, then folds for good (0: fold at start)",
+    )
 
 
 def _distill_flags(p: argparse.ArgumentParser) -> None:

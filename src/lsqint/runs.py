@@ -12,7 +12,7 @@ from torch import fx, nn
 from . import __version__
 from .data import Data
 from .models import create_model
-from .qat import QuantConfig, prepare_qat
+from .qat import QuantConfig, freeze_batchnorm_, prepare_qat
 from .train import CheckpointError, load_checkpoint
 
 PROGRAM_FILE = "best.intprog.safetensors"
@@ -66,10 +66,25 @@ def example_input(meta: dict[str, Any], batch: int = 2) -> torch.Tensor:
     return torch.zeros((batch, meta["in_channels"], size, size), dtype=torch.uint8)
 
 
-def build_qat_model(meta: dict[str, Any], float_model: nn.Module | None = None) -> fx.GraphModule:
+def build_qat_model(
+    meta: dict[str, Any], float_model: nn.Module | None = None, weights: dict | None = None
+) -> fx.GraphModule:
+    """The QAT model ``meta`` describes; BN-aware (``meta["bn_aware_epochs"]``) unless
+    ``weights``, the state_dict it is built for, holds the model after its BNs were folded."""
     float_model = float_model if float_model is not None else build_float_model(meta)
     float_model.eval()  # BN folding uses the running statistics
-    return prepare_qat(float_model, QuantConfig.from_dict(meta["quant"]), example_input(meta))
+    bn_aware = bool(meta.get("bn_aware_epochs"))
+    model = prepare_qat(
+        float_model, QuantConfig.from_dict(meta["quant"]), example_input(meta), bn_aware=bn_aware
+    )
+    if bn_aware and weights is not None and not holds_batchnorm(weights):
+        freeze_batchnorm_(model)
+    return model
+
+
+def holds_batchnorm(weights: dict) -> bool:
+    """Whether a QAT state_dict was saved before BN-aware QAT folded its BatchNorms."""
+    return any(key.endswith(".bn.running_var") for key in weights)
 
 
 def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
@@ -84,7 +99,7 @@ def load_qat_model(path: str | Path) -> tuple[fx.GraphModule, dict[str, Any]]:
         raise CheckpointError(
             f"checkpoint {path} holds NaN/inf in {bad[0]}; use an earlier checkpoint (best.pt)"
         )
-    model = build_qat_model(meta)
+    model = build_qat_model(meta, weights=state["model"])
     load_weights(model, state["model"], path)
     return model, meta
 

@@ -15,12 +15,13 @@ from torch import fx
 from .data import load_data, make_loader
 from .intprog import convert
 from .intprog.artifact import save
-from .qat import QuantConfig, calibrate_
-from .qat.modules import QuantConv2d, QuantLinear
+from .qat import QuantConfig, calibrate_, freeze_batchnorm_
+from .qat.modules import QuantConv2d, QuantConvBn2d, QuantLinear
 from .runs import (
     PROGRAM_FILE,
     build_float_model,
     build_qat_model,
+    holds_batchnorm,
     load_weights,
     model_meta,
     qat_dir_name,
@@ -65,6 +66,7 @@ class RunArgs:
     first_last_bits: int | None = 8
     residual_bits: int | None = None
     scale_init: str = "mse"
+    bn_aware_epochs: int = 0
     distill: bool = False
     distill_t: float = 4.0
     distill_alpha: float = 0.5
@@ -145,6 +147,7 @@ def _train_config(args: RunArgs, out: Path, meta) -> TrainConfig:
         max_steps_per_epoch=args.max_steps_per_epoch,
         overwrite=args.overwrite,
         meta=meta,
+        bn_freeze_epoch=meta.get("bn_aware_epochs") or None,
     )
 
 
@@ -196,6 +199,8 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     )
     dist, device, data, train, val = _setup(args, dist)
     meta = model_meta(args.model, data, "qat", args.dataset, args.num_classes, config)
+    if args.bn_aware_epochs:
+        meta["bn_aware_epochs"] = args.bn_aware_epochs
     float_model = build_float_model(meta)
     init = Path(args.init) if args.init else default_float_checkpoint(args)
     init_state = None if args.resume and not args.distill else load_checkpoint(init)
@@ -205,7 +210,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     model = build_qat_model(meta, float_model)
     if not args.resume and qat_init:
         check_compatible(init_state["meta"], init, model=args.model)
-        load_qat_weights_(model, init_state["model"], init)
+        load_qat_weights_(model, folded_qat_weights(init_state, init), init)
     model = model.to(device).to(memory_format=torch.channels_last)
     if not args.resume:
         first_images, _ = next(
@@ -261,28 +266,48 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     return result
 
 
+def folded_qat_weights(state: dict, path) -> dict:
+    """A QAT checkpoint's state_dict with its BatchNorms folded (saved during BN-aware QAT:
+    the model it describes in eval mode, folded)."""
+    if not holds_batchnorm(state["model"]):
+        return state["model"]
+    model = build_qat_model(state["meta"], weights=state["model"])
+    load_weights(model, state["model"], path)
+    freeze_batchnorm_(model)
+    return model.state_dict()
+
+
 def load_qat_weights_(model: fx.GraphModule, weights: dict, path) -> None:
     """Progressive initialization: copy another QAT model's BN-folded weights and biases into
     ``model`` (same architecture, any bits) and re-initialize the weight step sizes for the new
-    bits; activation step sizes stay uninitialized, for calibration on the new grid."""
+    bits; activation step sizes stay uninitialized, for calibration on the new grid. A BN-aware
+    ``model`` starts equal to the folded one (``QuantConvBn2d.start_from_folded_``): its BN
+    statistics come from the calibration batch."""
     layers = {
         name: m for name, m in model.named_modules() if isinstance(m, QuantConv2d | QuantLinear)
     }
     with torch.no_grad():
         for name, layer in layers.items():
+            bn_aware = isinstance(layer, QuantConvBn2d)
             for key in ("weight", "bias"):
                 param = getattr(layer, key)
                 source = weights.get(f"{name}.{key}")
-                if param is None:
+                if param is None and not bn_aware:
                     continue
-                if source is None or source.shape != param.shape:
+                expected = param.shape if param is not None else (layer.out_channels,)
+                if source is None and bn_aware and key == "bias":
+                    continue
+                if source is None or source.shape != expected:
                     raise CheckpointError(
                         f"QAT checkpoint {path} does not fit this model (layer {name}.{key}); "
                         "pass a QAT checkpoint of the same --model and --num-classes"
                     )
                 if not torch.isfinite(source).all():
                     raise CheckpointError(f"QAT checkpoint {path} holds NaN/inf in {name}.{key}")
-                param.copy_(source)
+                if not bn_aware:
+                    param.copy_(source)
+            if bn_aware:
+                layer.start_from_folded_(weights[f"{name}.weight"], weights.get(f"{name}.bias"))
             layer.weight_quantizer.init_from_(layer.weight)
 
 

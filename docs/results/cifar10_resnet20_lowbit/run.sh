@@ -27,3 +27,7 @@ W=$R/recipe/cifar10_resnet20
 # decay the LSQ paper lowers at 2 bits (5e-4 -> 1e-4). Probes of 150 steps that this replaced
 # (lr 0.004 and 0.01) collapsed the last stage's ReLU quantizers to 97 % zero codes; see README.
 [ -f $R/long/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 12 --wd 1e-4 --init $W/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/long
+
+# Session 3 (2026-11-29): W3A3 for 8 epochs from the W4A4 checkpoint, with the LSQ paper's 3-bit
+# weight decay (half of its 2-bit 1e-4).
+[ -f $R/long/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 8 --wd 5e-5 --init $W/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/long

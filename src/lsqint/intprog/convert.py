@@ -17,6 +17,7 @@ training model's quantizers produce (up to rounding ties, measured by ``lsqint i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from ..qat.graph import (
     movement_dims,
     node_kind,
 )
-from ..qat.prepare import quantizers
+from ..qat.modules import QuantConvBn2d
+from ..qat.prepare import freeze_batchnorm_, quantizers
 from ..quant import LSQQuantizer
 from .fixedpoint import (
     INT32_MAX,
@@ -166,6 +168,12 @@ def convert(qat_model: fx.GraphModule) -> IntProgram:
                 "retrain from the last good checkpoint"
             )
     gm = qat_model
+    if any(isinstance(m, QuantConvBn2d) for m in gm.modules()):
+        # BN-aware QAT model: its eval-mode output is the folded model's (QuantConvBn2d).
+        gm = copy.deepcopy(gm)  # fx drops attributes it does not know of; put ours back
+        gm.lsqint_input_shape = qat_model.lsqint_input_shape
+        gm.lsqint_config = qat_model.lsqint_config
+        freeze_batchnorm_(gm)
     was_training = gm.training
     device = next(gm.parameters()).device
     gm.cpu().eval()

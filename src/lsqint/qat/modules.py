@@ -7,6 +7,8 @@ program stores it (``bias_q = round(bias / (s_x * s_w))``), so training sees wha
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -48,11 +50,7 @@ class QuantConv2d(nn.Conv2d):
         self.weight_quantizer = weight_quantizer
 
     def forward(self, x: Tensor, input_scale: Tensor | None = None) -> Tensor:
-        w_fq = self.weight_quantizer(self.weight)
-        bias = self.bias
-        if bias is not None and input_scale is not None:
-            bias = _bias_fake_quant(bias, input_scale * self.weight_quantizer.effective_scale())
-        return F.conv2d(x, w_fq, bias, self.stride, self.padding, self.dilation, self.groups)
+        return _folded_conv(self, x, self.weight, self.bias, input_scale)
 
 
 class QuantLinear(nn.Linear):
@@ -95,3 +93,115 @@ class ChannelAffine(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+class QuantConvBn2d(QuantConv2d):
+    """A conv and the BatchNorm after it, for BN-aware QAT (Jacob et al. 2018, section 3.2;
+    torch.ao's ConvBn2d): the weight quantizer sees the folded weight
+    ``w * gamma / sqrt(running_var + eps)``, so its step sizes are already the deployed ones.
+
+    Training mode: the conv of the quantized folded weight is divided back by that factor and
+    normalized with the batch's statistics, which keep updating the running ones. Eval mode: the
+    folded conv, computed by the same code as ``freeze()``'s QuantConv2d, so that an eval-mode
+    QuantConvBn2d and its frozen conv give equal outputs (the deployed model is the frozen one).
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight_quantizer: LSQQuantizer):
+        super().__init__(conv, weight_quantizer)
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise ValueError("BN-aware QAT needs a BatchNorm with running statistics")
+        self.bn = copy.deepcopy(bn)
+        # Set by start_from_folded_(): the folded bias of a QAT checkpoint, which the next
+        # training-mode forward turns into BN statistics (see there).
+        self._folded_bias: Tensor | None = None
+
+    def _factor(self) -> Tensor:
+        inv_std = torch.rsqrt(self.bn.running_var + self.bn.eps)
+        return inv_std * self.bn.weight if self.bn.affine else inv_std
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias of the conv this layer equals in eval mode."""
+        factor = self._factor()
+        weight = self.weight * factor.view(-1, 1, 1, 1)
+        bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+        bias = (bias - self.bn.running_mean) * factor
+        if self.bn.affine:
+            bias = bias + self.bn.bias
+        return weight, bias
+
+    def forward(self, x: Tensor, input_scale: Tensor | None = None) -> Tensor:
+        if not self.training:
+            weight, bias = self.folded()
+            return _folded_conv(self, x, weight, bias, input_scale)
+        factor = self._factor()
+        w_fq = self.weight_quantizer(self.weight * factor.view(-1, 1, 1, 1))
+        y = F.conv2d(x, w_fq, None, self.stride, self.padding, self.dilation, self.groups)
+        y = y / factor.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        if self._folded_bias is not None:
+            self._take_statistics_(y)
+        return self.bn(y)
+
+    def start_from_folded_(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Start from a BN-folded conv (a QAT checkpoint's): the next training-mode forward
+        sets the BN so that this layer equals that conv: running mean/var = the batch's
+        per-channel mean/var m, v of the conv output, gamma = sqrt(v + eps) (folding factor 1),
+        beta = m + the folded bias."""
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if self.bias is not None:
+                self.bias.zero_()
+            # Folding factor ~1 until then, so that the quantizer already sees ``weight``.
+            self.bn.running_mean.zero_()
+            self.bn.running_var.fill_(1.0)
+            if self.bn.affine:
+                self.bn.weight.fill_(1.0)
+                self.bn.bias.zero_()
+        self._folded_bias = (
+            bias.detach().clone() if bias is not None else torch.zeros(self.out_channels)
+        ).to(self.weight.device)
+
+    @torch.no_grad()
+    def _take_statistics_(self, y: Tensor) -> None:
+        # Unbiased, as BatchNorm's running_var: this forward's momentum update then keeps it.
+        mean = y.mean((0, 2, 3))
+        var = y.var((0, 2, 3), unbiased=True)
+        self.bn.running_mean.copy_(mean)
+        self.bn.running_var.copy_(var)
+        if self.bn.affine:
+            self.bn.weight.copy_((var + self.bn.eps).sqrt())
+            self.bn.bias.copy_(mean + self._folded_bias)
+        self._folded_bias = None
+
+    def freeze(self) -> QuantConv2d:
+        """The plain QuantConv2d this layer equals in eval mode, sharing its weight quantizer."""
+        with torch.no_grad():
+            weight, bias = self.folded()
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        frozen = QuantConv2d(conv, self.weight_quantizer)
+        with torch.no_grad():
+            frozen.weight.copy_(weight)
+            frozen.bias.copy_(bias)
+        return frozen.train(self.training)
+
+
+def _folded_conv(
+    layer: QuantConv2d, x: Tensor, weight: Tensor, bias: Tensor | None, input_scale: Tensor | None
+) -> Tensor:
+    """QuantConv2d's forward for the given (float) weight and bias."""
+    w_fq = layer.weight_quantizer(weight)
+    if bias is not None and input_scale is not None:
+        bias = _bias_fake_quant(bias, input_scale * layer.weight_quantizer.effective_scale())
+    return F.conv2d(x, w_fq, bias, layer.stride, layer.padding, layer.dilation, layer.groups)

@@ -3,6 +3,7 @@
 Written as a list of small passes, each ``pass(gm, ...) -> None`` editing the graph in place:
 
     fold_batchnorm_           conv -> BN           becomes  conv' (weight and bias absorb BN)
+                                                   (BN-aware QAT: kept, for a QuantConvBn2d)
     insert_weight_quantizers_ Conv2d / Linear      becomes  QuantConv2d / QuantLinear
     insert_act_quantizers_    producer [-> ReLU]   gets     -> LSQQuantizer after it
     connect_input_scales_     each quantized layer receives its input's step size (bias quant)
@@ -38,7 +39,7 @@ from .graph import (
     node_kind,
     trace,
 )
-from .modules import ChannelAffine, QuantConv2d, QuantLinear
+from .modules import ChannelAffine, QuantConv2d, QuantConvBn2d, QuantLinear
 
 
 def prepare_qat(
@@ -46,6 +47,7 @@ def prepare_qat(
     config: QuantConfig,
     example_input: torch.Tensor,
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    bn_aware: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model``, fold its BatchNorms and insert LSQ quantizers; returns the QAT model.
 
@@ -57,6 +59,10 @@ def prepare_qat(
     normalizes, as torchvision's ``Normalize(mean, std)`` after ``ToTensor`` does), prepend that
     normalization as a ``Normalize`` module, so the QAT model and the integer program take raw
     0..255 pixels. Models from ``lsqint.models`` carry their ``Normalize`` already.
+
+    ``bn_aware=True``: a conv -> BN pair becomes a ``QuantConvBn2d`` (BN keeps normalizing with
+    batch statistics in training, the quantizer sees the folded weight) instead of a folded conv;
+    ``freeze_batchnorm_`` folds them for good. ``convert`` folds a copy itself.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -66,8 +72,8 @@ def prepare_qat(
         model = nn.Sequential(Normalize(mean, std), model).train(model.training)
     gm = trace(model)
     check_supported(gm)
-    fold_batchnorm_(gm)
-    insert_weight_quantizers_(gm, config)
+    kept = fold_batchnorm_(gm, keep=bn_aware)
+    insert_weight_quantizers_(gm, config, kept)
     insert_act_quantizers_(gm, config)
     connect_input_scales_(gm)
     check_quantized_inputs(gm)
@@ -115,7 +121,10 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def fold_batchnorm_(gm: fx.GraphModule) -> None:
+def fold_batchnorm_(gm: fx.GraphModule, keep: bool = False) -> dict[str, nn.BatchNorm2d]:
+    """Fold every conv -> BN pair into the conv; with ``keep``, leave the conv unfolded and
+    return its BN (conv target -> BN) for a QuantConvBn2d instead."""
+    kept = {}
     for node in list(gm.graph.nodes):
         if node_kind(gm, node) != "batchnorm":
             continue
@@ -124,12 +133,28 @@ def fold_batchnorm_(gm: fx.GraphModule) -> None:
             # Nothing to fold into (DenseNet's BN on a concatenation): a per-channel affine.
             _set_submodule(gm, node.target, ChannelAffine(gm.get_submodule(node.target)))
             continue
-        folded = fold_bn_into_conv(gm.get_submodule(src.target), gm.get_submodule(node.target))
-        _set_submodule(gm, src.target, folded)
+        bn = gm.get_submodule(node.target)
+        if keep:
+            if not bn.track_running_stats or bn.running_mean is None:
+                raise UnsupportedOpError("BatchNorm without running statistics cannot be folded")
+            kept[src.target] = bn
+        else:
+            _set_submodule(gm, src.target, fold_bn_into_conv(gm.get_submodule(src.target), bn))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         _set_submodule(gm, node.target, nn.Identity())  # keep names stable, drop the BN state
     gm.delete_all_unused_submodules()
+    return kept
+
+
+def freeze_batchnorm_(model: nn.Module) -> int:
+    """Fold every QuantConvBn2d of a BN-aware QAT model into a QuantConv2d for good (BN
+    statistics stop updating; weight quantizers and their step sizes are kept). The model's
+    eval-mode output does not change. Returns how many layers were folded."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)]
+    for name, layer in layers:
+        _set_submodule(model, name, layer.freeze())
+    return len(layers)
 
 
 def _set_submodule(gm: nn.Module, target: str, module: nn.Module) -> None:
@@ -162,7 +187,12 @@ def last_layer(gm: fx.GraphModule) -> fx.Node | None:
     return producer if node_kind(gm, producer) in ("conv", "linear") else None
 
 
-def insert_weight_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
+def insert_weight_quantizers_(
+    gm: fx.GraphModule, config: QuantConfig, batchnorms: dict[str, nn.BatchNorm2d] | None = None
+) -> None:
+    """Conv/Linear -> QuantConv2d/QuantLinear; a conv with an entry in ``batchnorms`` (from
+    ``fold_batchnorm_(keep=True)``) -> QuantConvBn2d, its quantizer set from the folded weight."""
+    batchnorms = batchnorms or {}
     layers = _layer_nodes(gm)
     if not layers:
         raise UnsupportedOpError("the model has no Conv2d or Linear layer to quantize")
@@ -184,10 +214,15 @@ def insert_weight_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
             num_channels=channels if config.per_channel else 1,
             scale_init=config.scale_init,
         )
-        quantizer.init_from_(layer.weight)
         quantizer.to(layer.weight.device)
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        _set_submodule(gm, node.target, cls(layer, quantizer))
+        if node.target in batchnorms:
+            quant_layer = QuantConvBn2d(layer, batchnorms[node.target], quantizer)
+            quantizer.init_from_(quant_layer.folded()[0].detach())
+        else:
+            quantizer.init_from_(layer.weight)
+            cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+            quant_layer = cls(layer, quantizer)
+        _set_submodule(gm, node.target, quant_layer)
 
 
 # -- pass 3: activation quantizers ----------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..qat.prepare import freeze_batchnorm_
 from ..quant import LSQQuantizer
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
@@ -40,6 +41,8 @@ class TrainConfig:
     progress: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests: cut every epoch short
     overwrite: bool = False  # a fresh run may replace the run already in out_dir
+    # BN-aware QAT: after this many epochs the model's QuantConvBn2d layers fold for good.
+    bn_freeze_epoch: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,23 +109,47 @@ class Trainer:
         self.on_best = on_best
         self.criterion = criterion
         self.quantizers = [m for m in model.modules() if isinstance(m, LSQQuantizer)]
-        self.net = model
-        if self.dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.optimizer = make_optimizer(model, cfg)
         steps = (
             len(train_loader)
             if cfg.max_steps_per_epoch is None
             else min(len(train_loader), cfg.max_steps_per_epoch)
         )
         self.steps_per_epoch = steps
-        self.scheduler = cosine_schedule(self.optimizer, cfg.epochs * steps)
+        self._wrap_model()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
         self.epoch = 0
         self.best_acc = -1.0
         self.history: list[dict[str, Any]] = []
         self.writer = None
+
+    def _wrap_model(self) -> None:
+        """DDP wrapper, optimizer and cosine schedule for the model as it is now."""
+        self.net = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scheduler = cosine_schedule(self.optimizer, self.cfg.epochs * self.steps_per_epoch)
+
+    def _freeze_batchnorm(self) -> bool:
+        """BN-aware QAT: fold the BatchNorms for good once bn_freeze_epoch epochs are done.
+        The folded layers are new parameters: optimizer and DDP are rebuilt (momentum restarts),
+        the schedule continues where it was."""
+        due = self.cfg.bn_freeze_epoch is not None and self.epoch >= self.cfg.bn_freeze_epoch
+        if not due or not freeze_batchnorm_(self.model):
+            return False
+        done = self.scheduler.last_epoch
+        self._wrap_model()
+        self.scheduler.last_epoch = done
+        for group, base, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            self.scheduler.lr_lambdas,
+            strict=True,
+        ):
+            group["lr"] = base * factor(done)
+        self._print(f"epoch {self.epoch}: BatchNorm statistics frozen and folded into the convs")
+        return True
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -141,6 +168,8 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        self.epoch = int(state["epoch"])
+        self._freeze_batchnorm()  # the checkpoint was saved after the freeze
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -172,6 +201,7 @@ class Trainer:
             f"{'val_loss':>9} {'val_acc':>8} {'best':>7} {'time_s':>7}"
         )
         while self.epoch < self.cfg.epochs:
+            self._freeze_batchnorm()
             start = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
             train = self._train_epoch()
