@@ -210,3 +210,44 @@ def test_bn_aware_layer_starts_equal_to_a_folded_checkpoint():
     folded_weight, folded_bias = layer.folded()
     torch.testing.assert_close(folded_weight, weight, rtol=1e-5, atol=0)
     torch.testing.assert_close(folded_bias, bias, rtol=0, atol=1e-5)
+
+
+def test_progressive_init_from_a_checkpoint_saved_before_the_fold(tmp_path, digits_runs):
+    """A QAT checkpoint that still holds its BatchNorms (BN-aware, not yet folded) initializes a
+    lower-bit run with its folded weights: what its program computes."""
+    from lsqint.qat import freeze_batchnorm_
+    from lsqint.qat.modules import QuantConv2d
+    from lsqint.runs import holds_batchnorm, load_qat_model
+    from lsqint.train import load_checkpoint
+    from lsqint.workflow import digits_args, train_qat
+
+    base = dict(seed=0, momentum=0.0, save_program=False)
+    source = train_qat(
+        digits_args(
+            epochs=1,
+            lr=0.01,
+            bn_aware_epochs=1,  # never folds within the run
+            init=digits_runs["float"]["checkpoint"],
+            log_dir=str(tmp_path / "bn"),
+            **base,
+        )
+    )["checkpoint"]
+    assert holds_batchnorm(load_checkpoint(source)["model"])
+    folded, _ = load_qat_model(source)
+    assert freeze_batchnorm_(folded) > 0
+    result = train_qat(
+        digits_args(
+            epochs=1,
+            lr=0.0,
+            w_num_bits=2,
+            a_num_bits=2,
+            init=source,
+            log_dir=str(tmp_path / "w2a2"),
+            **base,
+        )  # fmt: skip
+    )
+    layers = [(n, m) for n, m in result["model"].named_modules() if isinstance(m, QuantConv2d)]
+    assert layers
+    for name, layer in layers:
+        assert torch.equal(layer.weight, folded.get_submodule(name).weight), name
+        assert torch.equal(layer.bias, folded.get_submodule(name).bias), name
