@@ -31,3 +31,6 @@ W=$R/recipe/cifar10_resnet20
 # Session 3 (2026-11-29): W3A3 for 8 epochs from the W4A4 checkpoint, with the LSQ paper's 3-bit
 # weight decay (half of its 2-bit 1e-4).
 [ -f $R/long/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 8 --wd 5e-5 --init $W/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/long
+
+# Session 3: the 12-epoch W2A2 run above with BN-aware QAT for its first 8 epochs (the only change).
+[ -f $R/bnaware/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 12 --wd 1e-4 --bn-aware-epochs 8 --init $W/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/bnaware
