@@ -176,24 +176,13 @@ class QuantConvBn2d(QuantConv2d):
 
     def freeze(self) -> QuantConv2d:
         """The plain QuantConv2d this layer equals in eval mode, sharing its weight quantizer."""
+        frozen = QuantConv2d(self, self.weight_quantizer)  # this geometry and quantizer
         with torch.no_grad():
             weight, bias = self.folded()
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=True,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        frozen = QuantConv2d(conv, self.weight_quantizer)
-        with torch.no_grad():
             frozen.weight.copy_(weight)
-            frozen.bias.copy_(bias)
+        frozen.bias = nn.Parameter(bias)  # a folded conv always has a bias
+        if self.weight.is_contiguous(memory_format=torch.channels_last):  # as QAT runs (speed)
+            frozen.weight.data = frozen.weight.data.contiguous(memory_format=torch.channels_last)
         return frozen.train(self.training)
 
 
