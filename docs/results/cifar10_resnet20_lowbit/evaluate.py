@@ -28,7 +28,7 @@ CANDIDATES = [
     ("W3A3", RUNS / "recipe/cifar10_resnet20/w3a3", "recipe: KD, from W4A4"),
     ("W2A2", RUNS / "recipe/cifar10_resnet20/w2a2", "recipe: KD, from W3A3"),
     ("W2A2 long", RUNS / "long/cifar10_resnet20/w2a2", "KD, from W3A3, wd 1e-4"),
-    ("W3A3 long", RUNS / "long/cifar10_resnet20/w3a3", "KD, from W4A4, wd 5e-5"),
+    ("W3A3 long", RUNS / "long/cifar10_resnet20/w3a3", "KD, from W4A4, wd 5e-5, 6 of 8 epochs"),
     (
         "W2A2 long BN-aware",
         RUNS / "bnaware/cifar10_resnet20/w2a2",
