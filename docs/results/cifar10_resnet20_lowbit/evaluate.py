@@ -32,7 +32,7 @@ CANDIDATES = [
     (
         "W2A2 long BN-aware",
         RUNS / "bnaware/cifar10_resnet20/w2a2",
-        "KD, from W3A3, wd 1e-4, BN-aware 8 epochs",
+        "KD, from W3A3, wd 1e-4, BN-aware 8 of 12 epochs, stopped after 3",
     ),
 ]
 
