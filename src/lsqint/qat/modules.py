@@ -108,8 +108,6 @@ class QuantConvBn2d(QuantConv2d):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight_quantizer: LSQQuantizer):
         super().__init__(conv, weight_quantizer)
-        if not bn.track_running_stats or bn.running_mean is None:
-            raise ValueError("BN-aware QAT needs a BatchNorm with running statistics")
         self.bn = copy.deepcopy(bn)
         # Set by start_from_folded_(): the folded bias of a QAT checkpoint, which the next
         # training-mode forward turns into BN statistics (see there).

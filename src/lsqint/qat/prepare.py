@@ -106,8 +106,7 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     w' = w * gamma / sqrt(var + eps)           (per output channel)
     b' = (b - mean) * gamma / sqrt(var + eps) + beta
     """
-    if not bn.track_running_stats or bn.running_mean is None:
-        raise UnsupportedOpError("BatchNorm without running statistics cannot be folded")
+    _check_running_stats(bn)
     folded = copy.deepcopy(conv)
     inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
     gamma = bn.weight.double() if bn.affine else torch.ones_like(inv_std)
@@ -119,6 +118,11 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     folded.weight.data = weight.to(conv.weight.dtype)
     folded.bias = nn.Parameter(bias.to(conv.weight.dtype))
     return folded
+
+
+def _check_running_stats(bn: nn.BatchNorm2d) -> None:
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise UnsupportedOpError("BatchNorm without running statistics cannot be folded")
 
 
 def fold_batchnorm_(gm: fx.GraphModule, keep: bool = False) -> dict[str, nn.BatchNorm2d]:
@@ -135,8 +139,7 @@ def fold_batchnorm_(gm: fx.GraphModule, keep: bool = False) -> dict[str, nn.Batc
             continue
         bn = gm.get_submodule(node.target)
         if keep:
-            if not bn.track_running_stats or bn.running_mean is None:
-                raise UnsupportedOpError("BatchNorm without running statistics cannot be folded")
+            _check_running_stats(bn)
             kept[src.target] = bn
         else:
             _set_submodule(gm, src.target, fold_bn_into_conv(gm.get_submodule(src.target), bn))
