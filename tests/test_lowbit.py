@@ -251,3 +251,42 @@ def test_progressive_init_from_a_checkpoint_saved_before_the_fold(tmp_path, digi
     for name, layer in layers:
         assert torch.equal(layer.weight, folded.get_submodule(name).weight), name
         assert torch.equal(layer.bias, folded.get_submodule(name).bias), name
+
+
+def test_gradient_clipping_bounds_the_first_step_of_low_bit_qat(tmp_path):
+    """The W2A2 collapse at lr 0.01: the first gradients of low-bit QAT are huge, and one
+    unclipped step kills the last stage's ReLUs. With --grad-clip the step is bounded by
+    lr * clip (plain SGD here), however large the gradient."""
+    from lsqint.data.memory import ImageSet, TensorLoader
+    from lsqint.train.loop import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = randomize_bn_(create_model("resnet20", 10, 16), seed=3)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (8,))
+    qat = prepare_qat(model, QuantConfig(2, 2), images)
+    calibrate_(qat, images)
+    loss = nn.functional.cross_entropy(qat(images), labels)
+    loss.backward()
+    grads = [p.grad for p in qat.parameters() if p.grad is not None]
+    unclipped = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    qat.zero_grad(set_to_none=True)
+    clip, lr = 0.05, 0.1
+    assert unclipped > 10 * clip  # the clip really acts
+    before = [p.detach().clone() for p in qat.parameters()]
+    cfg = TrainConfig(
+        epochs=1,
+        lr=lr,
+        momentum=0.0,
+        weight_decay=0.0,
+        grad_clip=clip,
+        out_dir=str(tmp_path),
+        progress=False,
+    )
+    # One batch, not augmented: the step sees exactly the gradient measured above.
+    loader = TensorLoader(ImageSet(images, labels, [str(c) for c in range(10)]), 8, train=False)
+    Trainer(qat, loader, loader, cfg, torch.device("cpu")).fit()
+    moves = [(p.detach() - b).norm() for p, b in zip(qat.parameters(), before, strict=True)]
+    step = float(torch.linalg.vector_norm(torch.stack(moves)))
+    # Step sizes are clamped at their floor after the step (never raised above lr * grad).
+    assert 0.5 * lr * clip < step <= lr * clip * (1 + 1e-4)

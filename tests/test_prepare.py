@@ -234,18 +234,32 @@ def test_torchvision_resnet_prepares():
     assert sum(isinstance(m, LSQQuantizer) for m in gm.modules()) > 20
 
 
-def test_residual_bits_widen_only_what_residual_adds_read():
+def test_residual_bits_widen_what_residual_adds_read_and_convs_read_narrow_codes():
     """residual_bits=8 at W2A2: the pre-add outputs (a block's last conv and its shortcut) get
-    8 bits; every conv/linear input keeps 2 (or the 8 of the first/last layer)."""
+    8 bits, and so does the residual stream (block outputs that the next block's convs and its
+    add both read): the add reads the 8-bit codes, the convs a 2-bit requantization of them.
+    Every conv/linear input keeps 2 bits (or the 8 of the first/last layer)."""
     config = QuantConfig(2, 2, residual_bits=8)
     qat, program, images = random_qat_program("resnet20", config, seed=9)
-    widened = 0
+    widened, streams = 0, 0
     for node in qat.graph.nodes:
-        if node_kind(qat, node) == "quantizer":
-            if all(node_kind(qat, user) == "add" for user in node.users):
-                assert int(qat.get_submodule(node.target).bits) == 8, node.name
-                widened += 1
+        if node_kind(qat, node) != "quantizer":
+            continue
+        readers = {node_kind(qat, user) for user in node.users}
+        if readers == {"add"}:
+            assert int(qat.get_submodule(node.target).bits) == 8, node.name
+            widened += 1
+        elif readers == {"add", "quantizer"}:
+            assert int(qat.get_submodule(node.target).bits) == 8, node.name
+            (narrow,) = (user for user in node.users if node_kind(qat, user) == "quantizer")
+            assert int(qat.get_submodule(narrow.target).bits) == 2
+            assert {node_kind(qat, user) for user in narrow.users} == {"conv"}
+            streams += 1
     assert widened == 9 + 2  # conv2 of the 9 blocks and the 2 shortcut convs
+    # The stem's output and the outputs of the 6 blocks whose successor adds its input (the
+    # other 2 feed a block with a shortcut conv; the last feeds the pool).
+    assert streams == 7
+    assert sum(n.op == "affine" for n in program.nodes) == 7
     layer_inputs = [
         program.tensors[n.inputs[0]] for n in program.nodes if n.op in ("conv2d", "linear")
     ]

@@ -51,6 +51,12 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--momentum", type=_at_least(0.0, float), default=0.9)
     p.add_argument("--weight-decay", "--wd", type=_at_least(0.0, float), default=5e-4)
     p.add_argument(
+        "--grad-clip",
+        type=lambda s: None if s.lower() == "none" else _at_least(1e-12, float)(s),
+        default=None,
+        help="clip the gradients' total L2 norm to this before each step ('none': no clipping)",
+    )
+    p.add_argument(
         "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
     )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
@@ -87,8 +93,8 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
         "--residual-bits",
         type=lambda s: None if s.lower() == "none" else int(s),
         default=None,
-        help="bits of activations that only residual adds read (no layer's input; "
-        "'none' = the activation bits)",
+        help="bits of the residual stream: what residual adds read (convs read it "
+        "requantized to the activation bits; 'none' = the activation bits)",
     )
     p.add_argument(
         "--scale-init",

@@ -58,6 +58,7 @@ class RunArgs:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    grad_clip: float | None = None
     cuda: int = -1
     amp: bool = False
     w_num_bits: int = 4
@@ -139,6 +140,7 @@ def _train_config(args: RunArgs, out: Path, meta) -> TrainConfig:
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
         amp=args.amp,
         out_dir=str(out),
         resume=args.resume,

@@ -34,3 +34,9 @@ W=$R/recipe/cifar10_resnet20
 
 # Session 3: the 12-epoch W2A2 run above with BN-aware QAT for its first 8 epochs (the only change).
 [ -f $R/bnaware/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 12 --wd 1e-4 --bn-aware-epochs 8 --init $W/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/bnaware
+
+# Session 4 (2026-11-29): the collapse fix. The first gradients of W2A2 QAT have total norm ~45;
+# one step at lr 0.01 drove the last stage's ReLUs to 99 % zero codes. --grad-clip 1 bounds the
+# step; the residual stream at 8 bits (--residual-bits 8: adds read 8-bit codes, convs 2-bit).
+# 150-step probes picked lr 0.03 (0.01: 63.5 %, 0.03: 71.7 %, 0.1: 32.9 %).
+[ -f $R/clip/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 10 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $R/long/cifar10_resnet20/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/clip

@@ -292,6 +292,11 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         six_code = int(torch.round(torch.tensor(6.0) / q.effective_scale().detach().float()))
         hi = min(hi, six_code)
     out = TensorSpec(node.name, _code_dtype(qmin), b.shape(node), lo, hi, [s_out], int(q.bits))
+    if isinstance(src, Codes):
+        # A quantizer reading codes (the residual stream requantized for the convs that read
+        # it, see prepare.insert_act_quantizers_): the affine op with a = s_x / s_out, b = 0.
+        channels = b.tensors[src.tensor].shape[0]
+        src = PendingAffine(src, np.ones(channels), np.zeros(channels))
     if isinstance(src, Normalized):
         t = input_shift(src.std, s_out)
         ab = [input_affine(mu, sd, s_out, t) for mu, sd in zip(src.mean, src.std, strict=True)]

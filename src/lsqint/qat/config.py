@@ -24,10 +24,12 @@ class QuantConfig:
     first_last_bits: bits of the first layer's weights and of the last layer's weights and input
         activation (the LSQ paper keeps them at 8); None = the same as the rest.
     input_bits: bits of the quantized network input (after normalization; signed).
-    residual_bits: bits of an activation that only residual adds read (a block's last conv or
-        its shortcut conv, BN folded, before the add). No conv or linear layer reads it, so every
-        layer's inputs and weights keep their low bit width; a signed 2-bit code (-2..1) there
-        throws away most of the residual branch. None = act_bits.
+    residual_bits: bits of the residual stream: activations that only residual adds read (a
+        block's last conv or its shortcut conv, BN folded, before the add), and block outputs
+        that a residual add and the next convs both read (the add reads them at residual_bits,
+        the convs a requantization to act_bits: an integer ``affine`` op in the program). Every
+        conv/linear layer's inputs and weights keep their low bit width; a 2-bit residual
+        stream throws away most of what the blocks add to it. None = act_bits.
     scale_init: how step sizes start: ``"mse"`` (the step size with the smallest quantization
         error, the default) or ``"lsq"`` (the paper's ``2 mean|x| / sqrt(qmax)``, which collapses
         sparse ReLU outputs at 2 bits; see ``quant.lsq.init_scale``).

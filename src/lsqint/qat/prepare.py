@@ -266,6 +266,12 @@ def _feeds_only_adds(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _feeds_adds_and_layers(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when a residual add and something else (a conv, a pool...) read ``node`` directly."""
+    kinds = {node_kind(gm, user) == "add" for user in node.users}
+    return kinds == {True, False}
+
+
 def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
     last = last_layer(gm)
     count = 0
@@ -293,17 +299,36 @@ def insert_act_quantizers_(gm: fx.GraphModule, config: QuantConfig) -> None:
                 bits = config.residual_bits
             name = node.target if node.op == "call_module" else node.name
             bits = config.override_for(name, "act_bits") or bits
-        quantizer = LSQQuantizer(
-            bits,
-            signed=act is None and not _non_negative(gm, node, kind),
-            scale_init=config.scale_init,
+        signed = act is None and not _non_negative(gm, node, kind)
+        residual_stream = (
+            kind != "normalize"
+            and config.residual_bits is not None
+            and config.residual_bits > bits
+            and _feeds_adds_and_layers(gm, end)
         )
-        qname = f"act_quant_{count}"
+        wide_bits = config.residual_bits if residual_stream else bits
+        qnode = _insert_quantizer(gm, end, f"act_quant_{count}", wide_bits, signed, config)
         count += 1
-        gm.add_submodule(qname, quantizer)
-        with gm.graph.inserting_after(end):
-            qnode = gm.graph.call_module(qname, (end,))
-        end.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+        if residual_stream:
+            # A block output that the next block's convs and a residual add both read (the
+            # residual stream): the add keeps residual_bits codes and the convs read them
+            # requantized to their own bits (an `affine` op in the program), the integer form
+            # of papers that keep the shortcut in float. A 2-bit residual stream loses most of
+            # what the blocks add to it.
+            narrow = _insert_quantizer(gm, qnode, f"act_quant_{count}", bits, signed, config)
+            count += 1
+            for user in list(narrow.users):
+                if node_kind(gm, user) == "add":
+                    user.replace_input_with(narrow, qnode)
+
+
+def _insert_quantizer(gm, end: fx.Node, qname: str, bits: int, signed: bool, config) -> fx.Node:
+    """An LSQQuantizer reading ``end``, which every other reader of ``end`` now reads instead."""
+    gm.add_submodule(qname, LSQQuantizer(bits, signed=signed, scale_init=config.scale_init))
+    with gm.graph.inserting_after(end):
+        qnode = gm.graph.call_module(qname, (end,))
+    end.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
+    return qnode
 
 
 def _non_negative(gm: fx.GraphModule, node: fx.Node, kind: str) -> bool:

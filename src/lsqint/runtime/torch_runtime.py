@@ -214,7 +214,15 @@ class CompiledProgram:
         plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, x.qmin, x.qmax, 4)
         if plan is not None:
             M, C, dtype = plan
-            return lambda x: x.to(dtype).mul_(M).add_(C).floor_().clamp_(lo, hi).to(torch.float32)
+            # Codes are float32 tensors here: work on a copy unless this op is their only reader
+            # (the residual stream's codes feed an add as well).
+            copy = self.readers.get(node.inputs[0], 0) != 1
+
+            def run_affine_float(x):
+                y = x.to(dtype, copy=copy)
+                return y.mul_(M).add_(C).floor_().clamp_(lo, hi).to(torch.float32)
+
+            return run_affine_float
         self.paths[node.name] = "int64"
         scale_a = self._channel(ca, 4)
         bias_b = self._channel(cb, 4)
