@@ -34,6 +34,11 @@ CANDIDATES = [
         RUNS / "bnaware/cifar10_resnet20/w2a2",
         "KD, from W3A3, wd 1e-4, BN-aware 8 of 12 epochs, stopped after 3",
     ),
+    (
+        "W2A2 clip",
+        RUNS / "clip/cifar10_resnet20/w2a2",
+        "KD, from W3A3 long, lr 0.03, grad-clip 1, residual-bits 8, wd 1e-4",
+    ),
 ]
 
 

@@ -39,4 +39,4 @@ W=$R/recipe/cifar10_resnet20
 # one step at lr 0.01 drove the last stage's ReLUs to 99 % zero codes. --grad-clip 1 bounds the
 # step; the residual stream at 8 bits (--residual-bits 8: adds read 8-bit codes, convs 2-bit).
 # 150-step probes picked lr 0.03 (0.01: 63.5 %, 0.03: 71.7 %, 0.1: 32.9 %).
-[ -f $R/clip/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 10 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $R/long/cifar10_resnet20/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/clip
+[ -f $R/clip/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 15 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $R/long/cifar10_resnet20/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/clip
