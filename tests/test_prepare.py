@@ -271,6 +271,49 @@ def test_residual_bits_widen_what_residual_adds_read_and_convs_read_narrow_codes
         QuantConfig(2, 2, residual_bits=9)
 
 
+class _LinearBottleneckNet(nn.Module):
+    """MobileNetV2's residual pattern at toy size: no ReLU after the add, so the residual
+    stream is signed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(8, 16, 1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.Conv2d(16, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+            )  # fmt: skip
+            for _ in range(2)
+        )
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_signed_residual_stream_is_requantized_exactly_for_the_convs_that_read_it():
+    torch.manual_seed(4)
+    model = randomize_bn_(_LinearBottleneckNet(), seed=4).eval()
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    qat = prepare_qat(
+        model, QuantConfig(2, 2, residual_bits=8), images, normalize=([0.5] * 3, [0.25] * 3)
+    )
+    calibrate_(qat, images)
+    program = convert(qat.eval())
+    streams = [n for n in program.nodes if n.op == "affine"]
+    assert len(streams) == 2  # the stem's output and the first block's sum
+    for node in streams:
+        wide, narrow = program.tensors[node.inputs[0]], program.tensors[node.output]
+        assert (wide.dtype, wide.bits, narrow.dtype, narrow.bits) == ("int8", 8, "int8", 2)
+    assert_runtimes_agree(program, images.numpy(), runtimes=("torch", "onnx"))
+
+
 def test_model_without_normalize_takes_raw_pixels_when_told_the_normalization():
     """A plain torchvision-style model reads normalized tensors; prepare_qat(normalize=...)
     prepends that normalization, so QAT and the program take uint8 pixels."""
