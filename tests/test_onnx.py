@@ -32,6 +32,23 @@ def test_onnx_runtime_equals_reference(name, bits, per_channel):
     fresh = np.random.default_rng(bits).integers(0, 256, images.shape, dtype=np.uint8)
     assert_runtimes_agree(program, images.numpy(), runtimes=("onnx",))
     assert_runtimes_agree(program, fresh, runtimes=("onnx",))
+    if per_channel:  # the same program with its rounding steps as proven-exact float ops
+        assert_runtimes_agree(program, fresh, runtimes=("onnx",), onnx={"exact_float": True})
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_float_export_replaces_the_int64_rounding_chains(bits):
+    config = QuantConfig(weight_bits=bits, act_bits=bits, residual_bits=8 if bits < 8 else None)
+    _, program, images = random_qat_program("resnet20", config, seed=5, batch=4)
+    integer = [n.op_type for n in to_onnx_model(program).graph.node]
+    fast = [n.op_type for n in to_onnx_model(program, exact_float=True).graph.node]
+    rounding = sum(n.op in ("requantize", "add", "input", "affine") for n in program.nodes)
+    assert integer.count("BitShift") == rounding and "Floor" not in integer
+    # Every rounding step that a float plan proves exact loses its int64 chain.
+    assert fast.count("Floor") + fast.count("BitShift") == rounding
+    assert fast.count("Floor") >= rounding // 2
+    assert len(fast) < len(integer)
+    assert_runtimes_agree(program, images.numpy(), runtimes=("onnx",), onnx={"exact_float": True})
 
 
 def test_no_float_tensor_between_input_and_output():

@@ -203,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="model", help="C identifier prefix (format c)")
     p.add_argument(
         "--format",
-        choices=("int", "qdq", "c"),
+        choices=("int", "int-float", "qdq", "c"),
         default="int",
         help="int: integer operators only, bit-exact in ONNX Runtime (default); "
+        "int-float: the same with each rounding step as float Mul/Add/Floor/Clip where proven "
+        "exact (as the torch runtime runs it; faster in ONNX Runtime, still bit-exact); "
         "qdq: QuantizeLinear/DequantizeLinear around float ops (8-bit programs); "
         "c: float-free C99 (NAME.h, NAME.c), bit-exact",
     )
@@ -320,11 +322,14 @@ def _dispatch(ns: argparse.Namespace) -> int:
             return 0
         if not ns.onnx:
             raise ValueError(f"--format {ns.format} needs --onnx PATH")
-        if ns.format == "int":
+        if ns.format in ("int", "int-float"):
             from .export.onnx_int import export_onnx
+
+            size = export_onnx(program, ns.onnx, exact_float=ns.format == "int-float")
         else:
             from .export.onnx_qdq import export_onnx
-        size = export_onnx(program, ns.onnx)
+
+            size = export_onnx(program, ns.onnx)
         print(f"wrote {ns.onnx} ({size} bytes, {ns.format} format)")
         return 0
     if ns.command == "demo":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
+from ..runtime.exact_float import add_plan, channel_plans
 
 OPSET = 17
 
@@ -49,9 +50,10 @@ def _require_onnx():
 
 
 class _Graph:
-    def __init__(self, program: IntProgram):
+    def __init__(self, program: IntProgram, exact_float: bool = False):
         self.onnx, self.TP, self.helper, self.numpy_helper = _require_onnx()
         self.program = program
+        self.exact_float = exact_float  # rounding steps as proven-exact float ops (see _float_step)
         self.nodes = []
         self.inits = []
         self.count = 0
@@ -157,6 +159,18 @@ class _Graph:
         )
 
 
+def _float_step(g: _Graph, values: list[tuple[str, np.ndarray]], C, lo, hi, dtype, out, code):
+    """clamp(floor(sum(fl(x * M)) + C), lo, hi) in float32/float64, cast to the code type: the
+    torch runtime's proven-exact replacement of the int64 rounding chain (``exact_float``), as
+    separate ONNX ops (IEEE rounding after each, as the proof assumes)."""
+    kind = "float" if dtype is np.float32 else "double"
+    terms = [g.op("Mul", [g.cast(x, kind), g.const(M.astype(dtype), "M")], "xm") for x, M in values]
+    y = terms[0] if len(terms) == 1 else g.op("Add", terms, "sum")
+    y = g.op("Floor", [g.op("Add", [y, g.const(np.asarray(C, dtype), "C")], "plus_c")], "floor")
+    bounds = [g.const(np.array(v, dtype), name) for v, name in ((lo, "lo"), (hi, "hi"))]
+    g.cast(g.op("Clip", [y, *bounds], "clip"), code, out)
+
+
 def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
     return (1, channels, *([1] * (ndim - 2))) if channels > 1 else ()
 
@@ -172,6 +186,12 @@ def _lower(g: _Graph, node: Node) -> None:
         t = a["shift"]
         ca, cb = node.params["a"], node.params["b"]
         cs = (1, len(ca), 1, 1)
+        plan = g.exact_float and channel_plans(ca, cb, [t] * len(ca), a["qmin"], a["qmax"], 0, 255)
+        if plan:
+            M, C, dtype = plan
+            lo, hi = a["qmin"], a["qmax"]
+            _float_step(g, [(x, M.reshape(cs))], C.reshape(cs), lo, hi, dtype, out, spec.dtype)
+            return
         acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "pa")
         bound = 255 * int(np.abs(ca).max()) + int(np.abs(cb).max()) + (1 << (t - 1))
         addend = (cb + (1 << (t - 1))).reshape(cs)
@@ -209,6 +229,14 @@ def _lower(g: _Graph, node: Node) -> None:
         m, t = node.params["m"], node.params["t"]
         ndim = len(p.tensors[x_name].shape) + 1
         cs = _channel_shape(ndim, len(m))
+        bound = g.bounds[x_name]
+        plan = g.exact_float and channel_plans(
+            m, np.zeros_like(m), t, a["lo"], a["hi"], -bound, bound
+        )
+        if plan:
+            M, C = (v.reshape(cs) if cs else v.reshape(()) for v in plan[:2])
+            _float_step(g, [(x, M)], C, a["lo"], a["hi"], plan[2], out, spec.dtype)
+            return
         v = g.op(
             "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
         )
@@ -217,6 +245,17 @@ def _lower(g: _Graph, node: Node) -> None:
         g.cast(y, spec.dtype, out)
     elif node.op == "add":
         t = a["shift"]
+        ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
+        for dtype in (np.float32, np.float64) if g.exact_float else ():
+            plan = add_plan(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges, dtype=dtype)
+            if plan is not None:
+                Ma, Mb, C = plan
+                terms = [
+                    (g.t(name), np.asarray(M))
+                    for name, M in zip(node.inputs, (Ma, Mb), strict=True)
+                ]
+                _float_step(g, terms, C, a["lo"], a["hi"], dtype, out, spec.dtype)
+                return
         va = g.op(
             "Mul",
             [g.cast(g.t(node.inputs[0]), "int64"), g.const(np.array(a["m_a"], np.int64), "ma")],
@@ -296,6 +335,14 @@ def _lower(g: _Graph, node: Node) -> None:
     elif node.op == "affine":
         t = a["shift"]
         cs = _channel_shape(4, len(node.params["a"]))
+        ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x_name]
+        plan = g.exact_float and channel_plans(
+            ca, cb, [t] * len(ca), a["lo"], a["hi"], xs.qmin, xs.qmax
+        )
+        if plan:
+            M, C = (v.reshape(cs) if cs else v.reshape(()) for v in plan[:2])
+            _float_step(g, [(x, M)], C, a["lo"], a["hi"], plan[2], out, spec.dtype)
+            return
         v = g.op("Mul", [g.cast(x, "int64"), g.const(node.params["a"].reshape(cs), "a")], "xa")
         x_max = max(abs(p.tensors[x_name].qmin), abs(p.tensors[x_name].qmax))
         bound = x_max * int(np.abs(node.params["a"]).max()) + int(np.abs(node.params["b"]).max())
@@ -344,9 +391,12 @@ def _lower(g: _Graph, node: Node) -> None:
         raise ExportError(f"node '{node.name}' ({node.op}): no integer ONNX lowering")
 
 
-def to_onnx_model(program: IntProgram):
-    """The program as an onnx.ModelProto (checked with onnx.checker)."""
-    g = _Graph(program)
+def to_onnx_model(program: IntProgram, exact_float: bool = False):
+    """The program as an onnx.ModelProto (checked with onnx.checker). ``exact_float``: the
+    rounding steps (requantize, add, input, affine) as float32/float64 Mul, Add, Floor, Clip
+    wherever ``runtime.exact_float`` proves them equal to the integer rule, as the torch runtime
+    runs them; else (default) integer operators only."""
+    g = _Graph(program, exact_float)
     for node in program.nodes:
         if node.op == "output":
             g.cast(g.t(node.inputs[0]), "int32", "logits")
@@ -367,15 +417,15 @@ def write_model(model, path) -> int:
     return path.stat().st_size
 
 
-def export_onnx(program: IntProgram, path) -> int:
-    """Write the integer-only ONNX model; returns the file size in bytes."""
-    return write_model(to_onnx_model(program), path)
+def export_onnx(program: IntProgram, path, exact_float: bool = False) -> int:
+    """Write the ONNX model (integer operators only unless ``exact_float``); returns its size."""
+    return write_model(to_onnx_model(program, exact_float), path)
 
 
 class OnnxSession:
     """An ONNX Runtime session (CPU) for a program, reusable across batches."""
 
-    def __init__(self, program: IntProgram):
+    def __init__(self, program: IntProgram, exact_float: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover
@@ -385,12 +435,14 @@ class OnnxSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(
-            to_onnx_model(program).SerializeToString(), options, providers=["CPUExecutionProvider"]
+            to_onnx_model(program, exact_float).SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"input": np.ascontiguousarray(images)})[0]
 
 
-def run_onnx(program: IntProgram, images: np.ndarray) -> np.ndarray:
-    return OnnxSession(program)(images)
+def run_onnx(program: IntProgram, images: np.ndarray, exact_float: bool = False) -> np.ndarray:
+    return OnnxSession(program, exact_float)(images)

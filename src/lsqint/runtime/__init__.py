@@ -57,10 +57,11 @@ def _c(program: IntProgram, images, **_options) -> np.ndarray:
 
 
 @register_runtime("onnx")
-def _onnx(program: IntProgram, images, **_options) -> np.ndarray:
+def _onnx(program: IntProgram, images, exact_float: bool = False, **_options) -> np.ndarray:
+    """``exact_float=True``: the export's rounding steps as proven-exact float ops."""
     from ..export.onnx_int import run_onnx
 
-    return run_onnx(program, images)
+    return run_onnx(program, images, exact_float)
 
 
 def _as_uint8_images(images, program: IntProgram) -> np.ndarray:

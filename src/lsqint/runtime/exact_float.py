@@ -86,6 +86,21 @@ def affine_step_plan(
     return M, C
 
 
+def channel_plans(ms, bs, ts, lo: int, hi: int, x_min: int, x_max: int):
+    """Per-channel ``affine_step_plan``s of the first float dtype (float32, then float64) that is
+    proven exact for every channel: ``(M, C, dtype)`` with M, C numpy arrays, or None."""
+    for dtype in (np.float32, np.float64):
+        plans = [
+            affine_step_plan(int(m), int(b), int(t), lo, hi, x_min, x_max, dtype)
+            for m, b, t in zip(ms, bs, ts, strict=True)
+        ]
+        if all(p is not None for p in plans):
+            M = np.array([p[0] for p in plans], dtype)
+            C = np.array([p[1] for p in plans], dtype)
+            return M, C, dtype
+    return None
+
+
 def add_plan(
     m_a: int,
     m_b: int,

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
-from .exact_float import add_plan, affine_step_plan
+from .exact_float import add_plan, affine_step_plan, channel_plans
 
 F32_EXACT = 1 << 24
 F64_EXACT = 1 << 53
@@ -192,17 +192,13 @@ class CompiledProgram:
 
     def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
         """Per-channel (M, C) tensors and their dtype for the first float dtype proven exact."""
-        for np_dtype, dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
-            plans = [
-                affine_step_plan(int(m), int(b), int(t), lo, hi, x_min, x_max, np_dtype)
-                for m, b, t in zip(ms, bs, ts, strict=True)
-            ]
-            if all(p is not None for p in plans):
-                self.paths[node.name] = str(dtype).replace("torch.", "")
-                M = self._channel(np.array([p[0] for p in plans], np_dtype), ndim)
-                C = self._channel(np.array([p[1] for p in plans], np_dtype), ndim)
-                return M, C, dtype
-        return None
+        plan = channel_plans(ms, bs, ts, lo, hi, x_min, x_max)
+        if plan is None:
+            return None
+        M, C, np_dtype = plan
+        dtype = torch.float32 if np_dtype is np.float32 else torch.float64
+        self.paths[node.name] = str(dtype).replace("torch.", "")
+        return self._channel(M, ndim), self._channel(C, ndim), dtype
 
     def _build_affine(self, node: Node) -> Callable:
         """The input op (pixels) and the affine op (codes): one rule, x*a[c] + b[c] >> t."""
