@@ -40,3 +40,6 @@ W=$R/recipe/cifar10_resnet20
 # step; the residual stream at 8 bits (--residual-bits 8: adds read 8-bit codes, convs 2-bit).
 # 150-step probes picked lr 0.03 (0.01: 63.5 %, 0.03: 71.7 %, 0.1: 32.9 %).
 [ -f $R/clip/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 15 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $R/long/cifar10_resnet20/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/clip
+
+# Session 4: W3A3 with the W2A2 fix (clip, 8-bit residual stream, lr 0.03), 2 epochs from W4A4.
+[ -f $R/clip/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 2 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $W/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/clip
