@@ -39,6 +39,11 @@ CANDIDATES = [
         RUNS / "clip/cifar10_resnet20/w2a2",
         "KD, from W3A3 long, lr 0.03, grad-clip 1, residual-bits 8, wd 1e-4",
     ),
+    (
+        "W3A3 clip",
+        RUNS / "clip/cifar10_resnet20/w3a3",
+        "KD, from W4A4, lr 0.03, grad-clip 1, residual-bits 8, wd 5e-5",
+    ),
 ]
 
 
