@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
-from ..runtime.exact_float import add_plan, channel_plans
+from ..runtime.exact_float import add_plans, channel_plans
 
 OPSET = 17
 
@@ -171,6 +171,17 @@ def _float_step(g: _Graph, values: list[tuple[str, np.ndarray]], C, lo, hi, dtyp
     g.cast(g.op("Clip", [y, *bounds], "clip"), code, out)
 
 
+def _float_affine(g: _Graph, x, ms, bs, ts, lo, hi, x_range, cs, out, code) -> bool:
+    """``_float_step`` of clamp((x*m[c] + b[c] + 2^(t-1)) >> t[c], lo, hi) when exact_float is on
+    and ``channel_plans`` proves it for every x in ``x_range``; False leaves the int64 chain."""
+    plan = g.exact_float and channel_plans(ms, bs, ts, lo, hi, *x_range)
+    if not plan:
+        return False
+    M, C = (v.reshape(cs) if cs else v.reshape(()) for v in plan[:2])
+    _float_step(g, [(x, M)], C, lo, hi, plan[2], out, code)
+    return True
+
+
 def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
     return (1, channels, *([1] * (ndim - 2))) if channels > 1 else ()
 
@@ -186,11 +197,8 @@ def _lower(g: _Graph, node: Node) -> None:
         t = a["shift"]
         ca, cb = node.params["a"], node.params["b"]
         cs = (1, len(ca), 1, 1)
-        plan = g.exact_float and channel_plans(ca, cb, [t] * len(ca), a["qmin"], a["qmax"], 0, 255)
-        if plan:
-            M, C, dtype = plan
-            lo, hi = a["qmin"], a["qmax"]
-            _float_step(g, [(x, M.reshape(cs))], C.reshape(cs), lo, hi, dtype, out, spec.dtype)
+        ts, lo, hi = [t] * len(ca), a["qmin"], a["qmax"]
+        if _float_affine(g, x, ca, cb, ts, lo, hi, (0, 255), cs, out, spec.dtype):
             return
         acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "pa")
         bound = 255 * int(np.abs(ca).max()) + int(np.abs(cb).max()) + (1 << (t - 1))
@@ -230,12 +238,8 @@ def _lower(g: _Graph, node: Node) -> None:
         ndim = len(p.tensors[x_name].shape) + 1
         cs = _channel_shape(ndim, len(m))
         bound = g.bounds[x_name]
-        plan = g.exact_float and channel_plans(
-            m, np.zeros_like(m), t, a["lo"], a["hi"], -bound, bound
-        )
-        if plan:
-            M, C = (v.reshape(cs) if cs else v.reshape(()) for v in plan[:2])
-            _float_step(g, [(x, M)], C, a["lo"], a["hi"], plan[2], out, spec.dtype)
+        zeros, lo, hi = np.zeros_like(m), a["lo"], a["hi"]
+        if _float_affine(g, x, m, zeros, t, lo, hi, (-bound, bound), cs, out, spec.dtype):
             return
         v = g.op(
             "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
@@ -246,16 +250,12 @@ def _lower(g: _Graph, node: Node) -> None:
     elif node.op == "add":
         t = a["shift"]
         ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
-        for dtype in (np.float32, np.float64) if g.exact_float else ():
-            plan = add_plan(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges, dtype=dtype)
-            if plan is not None:
-                Ma, Mb, C = plan
-                terms = [
-                    (g.t(name), np.asarray(M))
-                    for name, M in zip(node.inputs, (Ma, Mb), strict=True)
-                ]
-                _float_step(g, terms, C, a["lo"], a["hi"], dtype, out, spec.dtype)
-                return
+        plan = g.exact_float and add_plans(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges)
+        if plan:
+            Ma, Mb, C, dtype = plan
+            terms = [(g.t(n), np.asarray(M)) for n, M in zip(node.inputs, (Ma, Mb), strict=True)]
+            _float_step(g, terms, C, a["lo"], a["hi"], dtype, out, spec.dtype)
+            return
         va = g.op(
             "Mul",
             [g.cast(g.t(node.inputs[0]), "int64"), g.const(np.array(a["m_a"], np.int64), "ma")],
@@ -336,12 +336,8 @@ def _lower(g: _Graph, node: Node) -> None:
         t = a["shift"]
         cs = _channel_shape(4, len(node.params["a"]))
         ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x_name]
-        plan = g.exact_float and channel_plans(
-            ca, cb, [t] * len(ca), a["lo"], a["hi"], xs.qmin, xs.qmax
-        )
-        if plan:
-            M, C = (v.reshape(cs) if cs else v.reshape(()) for v in plan[:2])
-            _float_step(g, [(x, M)], C, a["lo"], a["hi"], plan[2], out, spec.dtype)
+        ts, lo, hi = [t] * len(ca), a["lo"], a["hi"]
+        if _float_affine(g, x, ca, cb, ts, lo, hi, (xs.qmin, xs.qmax), cs, out, spec.dtype):
             return
         v = g.op("Mul", [g.cast(x, "int64"), g.const(node.params["a"].reshape(cs), "a")], "xa")
         x_max = max(abs(p.tensors[x_name].qmin), abs(p.tensors[x_name].qmax))

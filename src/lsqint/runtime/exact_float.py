@@ -130,3 +130,13 @@ def add_plan(
         if np.array_equal(approx, exact):
             return Ma, Mb, C
     return None
+
+
+def add_plans(m_a: int, m_b: int, t: int, lo: int, hi: int, a_range, b_range):
+    """``add_plan`` of the first float dtype (float32, then float64) that holds:
+    ``(Ma, Mb, C, dtype)``, or None."""
+    for dtype in (np.float32, np.float64):
+        plan = add_plan(m_a, m_b, t, lo, hi, a_range, b_range, dtype=dtype)
+        if plan is not None:
+            return (*plan, dtype)
+    return None

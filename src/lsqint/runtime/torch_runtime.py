@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
-from .exact_float import add_plan, affine_step_plan, channel_plans
+from .exact_float import add_plans, affine_step_plan, channel_plans
 
 F32_EXACT = 1 << 24
 F64_EXACT = 1 << 53
@@ -300,22 +300,22 @@ class CompiledProgram:
         a = node.attrs
         lo, hi, t = a["lo"], a["hi"], a["shift"]
         ranges = [(self.program.tensors[n].qmin, self.program.tensors[n].qmax) for n in node.inputs]
-        for np_dtype, dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
-            plan = add_plan(a["m_a"], a["m_b"], t, lo, hi, *ranges, dtype=np_dtype)
-            if plan is not None:
-                self.paths[node.name] = str(dtype).replace("torch.", "")
-                Ma, Mb, C = (float(v) for v in plan)
+        plan = add_plans(a["m_a"], a["m_b"], t, lo, hi, *ranges)
+        if plan is not None:
+            dtype = torch.float32 if plan[3] is np.float32 else torch.float64
+            self.paths[node.name] = str(dtype).replace("torch.", "")
+            Ma, Mb, C = (float(v) for v in plan[:3])
 
-                # Reuse an input's buffer when this add is its only reader (fresh buffers cost
-                # page faults); x_b is usually the shortcut, which the next block reads too.
-                owned_a = self.readers.get(node.inputs[0], 0) == 1
+            # Reuse an input's buffer when this add is its only reader (fresh buffers cost
+            # page faults); x_b is usually the shortcut, which the next block reads too.
+            owned_a = self.readers.get(node.inputs[0], 0) == 1
 
-                def run_add_float(x_a, x_b, Ma=Ma, Mb=Mb, C=C, dtype=dtype, owned_a=owned_a):
-                    y = x_a.to(dtype, copy=not owned_a).mul_(Ma)
-                    y.add_(torch.mul(x_b.to(dtype), Mb)).add_(C).floor_().clamp_(lo, hi)
-                    return y.to(torch.float32)
+            def run_add_float(x_a, x_b):
+                y = x_a.to(dtype, copy=not owned_a).mul_(Ma)
+                y.add_(torch.mul(x_b.to(dtype), Mb)).add_(C).floor_().clamp_(lo, hi)
+                return y.to(torch.float32)
 
-                return run_add_float
+            return run_add_float
         self.paths[node.name] = "int64"
         m_a, m_b = a["m_a"], a["m_b"]
 
