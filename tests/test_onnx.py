@@ -34,6 +34,8 @@ def test_onnx_runtime_equals_reference(name, bits, per_channel):
     assert_runtimes_agree(program, fresh, runtimes=("onnx",))
     if per_channel:  # the same program with its rounding steps as proven-exact float ops
         assert_runtimes_agree(program, fresh, runtimes=("onnx",), onnx={"exact_float": True})
+        # ... and with ONNX Runtime's QLinearConv / QuantizeLinear where proven exact
+        assert_runtimes_agree(program, fresh, runtimes=("onnx",), onnx={"qlinear": True})
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -49,6 +51,44 @@ def test_int_float_export_replaces_the_int64_rounding_chains(bits):
     assert fast.count("Floor") >= rounding // 2
     assert len(fast) < len(integer)
     assert_runtimes_agree(program, images.numpy(), runtimes=("onnx",), onnx={"exact_float": True})
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qlinear_export_runs_every_low_bit_conv_as_qlinearconv(bits):
+    # resnet20 at W4A4 / W2A2 with the 8-bit residual stream: every conv + requantize pair with
+    # low-bit outputs is proven for ONNX Runtime's QLinearConv (the 8-bit stream's convs keep
+    # ConvInteger: one zero point per layer cannot serve 256 output codes), every rounding step
+    # for QuantizeLinear; the runtime equals the reference on random images and on extremes.
+    config = QuantConfig(weight_bits=bits, act_bits=bits, residual_bits=8)
+    _, program, images = random_qat_program("resnet20", config, seed=bits, batch=4)
+    ops = [n.op_type for n in to_onnx_model(program, qlinear=True).graph.node]
+    reader = {n.inputs[0]: n for n in program.nodes if n.op == "requantize"}
+    levels = [
+        program.tensors[reader[n.output].output].qmax
+        - program.tensors[reader[n.output].output].qmin
+        + 1
+        for n in program.nodes
+        if n.op == "conv2d"
+    ]
+    assert ops.count("QLinearConv") == sum(n <= 1 << bits for n in levels) >= 9
+    assert ops.count("ConvInteger") == sum(n > 1 << bits for n in levels)
+    # The other rounding steps: QuantizeLinear where a float32 plan is proven (most), else
+    # float64 Floor (8-bit stream steps near a tie) or the int64 chain (the int32 logits).
+    steps = sum(n.op in ("requantize", "add", "input", "affine") for n in program.nodes)
+    assert ops.count("QuantizeLinear") + ops.count("QLinearConv") >= steps * 3 // 4
+    rng = np.random.default_rng(bits)
+    extremes = np.stack(
+        [
+            np.zeros(images.shape[1:], np.uint8),
+            np.full(images.shape[1:], 255, np.uint8),
+            (np.indices(images.shape[1:]).sum(0) % 2 * 255).astype(np.uint8),
+            rng.choice(np.array([0, 255], np.uint8), images.shape[1:]),
+        ]
+    )
+    batch = np.concatenate(
+        [images.numpy(), extremes, rng.integers(0, 256, (8, *images.shape[1:]), dtype=np.uint8)]
+    )
+    assert_runtimes_agree(program, batch, runtimes=("onnx",), onnx={"qlinear": True})
 
 
 def test_no_float_tensor_between_input_and_output():

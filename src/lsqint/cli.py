@@ -198,16 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="integer program -> ONNX, or C for microcontrollers")
     p.add_argument("--program", required=True, help="integer program file (.safetensors)")
-    p.add_argument("--onnx", default=None, help="output .onnx path (formats int, qdq)")
+    p.add_argument(
+        "--onnx", default=None, help="output .onnx path (formats int, int-float, qlinear, qdq)"
+    )
     p.add_argument("--out", default=None, help="output folder of NAME.h and NAME.c (format c)")
     p.add_argument("--name", default="model", help="C identifier prefix (format c)")
     p.add_argument(
         "--format",
-        choices=("int", "int-float", "qdq", "c"),
+        choices=("int", "int-float", "qlinear", "qdq", "c"),
         default="int",
         help="int: integer operators only, bit-exact in ONNX Runtime (default); "
         "int-float: the same with each rounding step as float Mul/Add/Floor/Clip where proven "
         "exact (as the torch runtime runs it; faster in ONNX Runtime, still bit-exact); "
+        "qlinear: int-float with each conv + requantize as ONNX Runtime's QLinearConv and each "
+        "rounding step as DequantizeLinear/QuantizeLinear where proven exact (fastest; x86-64 "
+        "ONNX Runtime, which the proofs model); "
         "qdq: QuantizeLinear/DequantizeLinear around float ops (8-bit programs); "
         "c: float-free C99 (NAME.h, NAME.c), bit-exact",
     )
@@ -322,10 +327,15 @@ def _dispatch(ns: argparse.Namespace) -> int:
             return 0
         if not ns.onnx:
             raise ValueError(f"--format {ns.format} needs --onnx PATH")
-        if ns.format in ("int", "int-float"):
+        if ns.format in ("int", "int-float", "qlinear"):
             from .export.onnx_int import export_onnx
 
-            size = export_onnx(program, ns.onnx, exact_float=ns.format == "int-float")
+            size = export_onnx(
+                program,
+                ns.onnx,
+                exact_float=ns.format == "int-float",
+                qlinear=ns.format == "qlinear",
+            )
         else:
             from .export.onnx_qdq import export_onnx
 

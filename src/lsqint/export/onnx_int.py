@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
-from ..runtime.exact_float import add_plans, channel_plans
+from ..runtime.exact_float import add_plans, channel_plans, qlinear_layer_plan
 
 OPSET = 17
 
@@ -50,10 +50,15 @@ def _require_onnx():
 
 
 class _Graph:
-    def __init__(self, program: IntProgram, exact_float: bool = False):
+    def __init__(self, program: IntProgram, exact_float: bool = False, qlinear: bool = False):
         self.onnx, self.TP, self.helper, self.numpy_helper = _require_onnx()
         self.program = program
         self.exact_float = exact_float  # rounding steps as proven-exact float ops (see _float_step)
+        self.qlinear = qlinear  # conv + requantize as one proven-exact QLinearConv (see below)
+        # qlinear: signed codes travel as uint8 code + 128 (QLinearConv's and QuantizeLinear's
+        # output type); the int8 form is made only for a reader that needs it (``codes``).
+        self.shifted: dict[str, str] = {}  # program tensor -> ONNX name of its code + 128
+        self.only_shifted: set[str] = set()  # ... that has no int8 form yet
         self.nodes = []
         self.inits = []
         self.count = 0
@@ -107,6 +112,22 @@ class _Graph:
         return self.op("Cast", [x], "cast", output, to=getattr(self.TP, to.upper()))
 
     # -- building blocks ------------------------------------------------------------------------
+    def codes(self, tensor: str) -> None:
+        """Make the int8 form of a signed tensor that exists only as code + 128."""
+        if tensor in self.only_shifted:
+            c128 = self.const(np.array(128, np.int16), "c128")
+            unshifted = self.op("Sub", [self.cast(self.shifted[tensor], "int16"), c128], "unshift")
+            self.cast(unshifted, "int8", self.t(tensor))
+            self.only_shifted.discard(tensor)
+
+    def uint8_form(self, tensor: str) -> tuple[str, int]:
+        """(ONNX name, zero point) of a code tensor as uint8: itself, or code + 128 (cached)."""
+        if self.program.tensors[tensor].dtype == "uint8" or tensor == "input":
+            return self.t(tensor), 0
+        if tensor not in self.shifted:
+            self.shifted[tensor] = self.to_uint8_with_zero_point(self.t(tensor), "int8")[0]
+        return self.shifted[tensor], 128
+
     def to_uint8_with_zero_point(self, x: str, dtype: str) -> tuple[str, str]:
         """Codes -> (uint8 tensor, its zero point): signed codes are shifted by 128."""
         if dtype == "uint8":
@@ -184,6 +205,150 @@ def _float_affine(g: _Graph, x, ms, bs, ts, lo, hi, x_range, cs, out, code) -> b
 
 def _channel_shape(ndim: int, channels: int) -> tuple[int, ...]:
     return (1, channels, *([1] * (ndim - 2))) if channels > 1 else ()
+
+
+# Largest |x1*w1 + x2*w2| that ONNX Runtime's u8 x s8 kernels on AVX2 CPUs without VNNI hold:
+# they add products pairwise into int16 with saturation (vpmaddubsw).
+PAIR_SUM_LIMIT = (1 << 15) - 1
+
+
+def _qlinear_conv(g: _Graph, conv: Node, req: Node) -> bool:
+    """conv2d followed by its only reader, a requantize, as one QLinearConv (x and y scales 1,
+    w_scale the per-channel float32 multiplier, the integer offset of ``qlinear_plan`` in the int32
+    bias) when that plan is proven for every channel; False leaves the two ops to ``_lower``.
+
+    Exactness rests on: (1) the int32 accumulation, which no ONNX Runtime kernel saturates when
+    weights are uint8 (u8 x u8 kernels widen to 16 bits first) or when every pair of int8-weight
+    products fits int16 (checked here from the codes' range and the layer's actual weights); (2)
+    the float requantize, proven per channel in ``runtime.exact_float``."""
+    p, a = g.program, conv.attrs
+    x_spec, out_spec = p.tensors[conv.inputs[0]], p.tensors[req.output]
+    m, t = req.params["m"], req.params["t"]
+    lo, hi, bound = req.attrs["lo"], req.attrs["hi"], int(a["acc_bound"])
+    signed_out = out_spec.dtype == "int8"
+    out_min, out_max = (-128, 127) if signed_out else (0, 255)
+    plan = qlinear_layer_plan(m, t, lo, hi, -bound, bound, out_min, out_max)
+    if plan is None:
+        return False
+    xu, x_zero = g.uint8_form(conv.inputs[0])
+    xz = g.const(np.array(x_zero, np.uint8), "xz")
+    x_max = 255 if x_spec.dtype == "int8" else x_spec.qmax
+    weight = conv.params["weight"].astype(np.int64)
+    if 2 * x_max * int(np.abs(weight).max()) <= PAIR_SUM_LIMIT:
+        w, wz = weight.astype(np.int8), np.array(0, np.int8)
+    else:  # uint8 weights with zero point 128: ONNX Runtime's exact u8 x u8 path
+        w, wz = (weight + 128).astype(np.uint8), np.array(128, np.uint8)
+    scale, offsets, z = plan
+    bias = conv.params["bias"].astype(np.int64) + offsets
+    z += 128 if signed_out else 0  # signed codes travel as code + 128 in QLinearConv's uint8
+    one = g.const(np.array(1.0, np.float32), "one")
+    ph, pw = a["padding"]
+    kh, kw = weight.shape[2:]
+    out = _uint8_output(g, req.output)
+    y = g.op(
+        "QLinearConv",
+        [
+            *(xu, one, xz),
+            *(g.const(w, "w"), g.const(scale, "w_scale"), g.const(wz, "wz")),
+            *(one, g.const(np.array(z, np.uint8), "yz")),
+            g.const(bias.astype(np.int32), "bias"),
+        ],
+        "qconv",
+        strides=a["stride"],
+        pads=[ph, pw, ph, pw],
+        dilations=a["dilation"],
+        group=a["groups"],
+        kernel_shape=[kh, kw],
+    )
+    if (lo, hi) == (out_min, out_max):
+        g.op("Identity", [y], "id", out)
+    else:
+        _clip_uint8(g, y, lo, hi, signed_out, out)
+    return True
+
+
+def _uint8_output(g: _Graph, tensor: str) -> str:
+    """The ONNX name a qlinear op writes ``tensor``'s codes to: the tensor itself (uint8), or a
+    new name for code + 128 (int8 codes, made on demand by ``_Graph.codes``)."""
+    if g.program.tensors[tensor].dtype == "uint8":
+        return g.t(tensor)
+    g.shifted[tensor] = g.name("shifted")
+    g.only_shifted.add(tensor)
+    return g.shifted[tensor]
+
+
+def _clip_uint8(g: _Graph, y: str, lo: int, hi: int, signed: bool, out: str) -> None:
+    """uint8 ``y`` (codes, + 128 when ``signed``) clamped to [lo, hi] into ``out``."""
+    shift = 128 if signed else 0
+    limits = [g.const(np.array(v + shift, np.uint8), "lim") for v in (lo, hi)]
+    g.op("Clip", [y, *limits], "clip", out)
+
+
+def _dq_step(g: _Graph, terms, C, lo: int, hi: int, out: str) -> None:
+    """A float32 rounding step (a proven ``rne`` plan of ``runtime.exact_float``) as ONNX
+    Runtime's own quantization ops: DequantizeLinear gives fl((x - zero point) * M) per input
+    (one rounding, as the proof assumes), then Add, Add C, QuantizeLinear (scale 1: round half to
+    even, saturate) and Clip. ``terms``: (program tensor, M) pairs, M a scalar or per channel."""
+    values = []
+    for tensor, M in terms:
+        if g.program.tensors[tensor].dtype == "int32":
+            x, zero, dtype = g.t(tensor), 0, np.int32
+        else:
+            (x, zero), dtype = g.uint8_form(tensor), np.uint8
+        M = np.asarray(M, np.float32)
+        zeros = g.const(np.full(M.shape, zero, dtype), "zp")
+        attrs = {"axis": 1} if M.ndim else {}
+        values.append(g.op("DequantizeLinear", [x, g.const(M, "M"), zeros], "dq", **attrs))
+    y = values[0] if len(values) == 1 else g.op("Add", values, "sum")
+    y = g.op("Add", [y, g.const(np.asarray(C, np.float32), "C")], "plus_c")
+    signed = g.program.tensors[out].dtype == "int8"
+    zero_out = g.const(np.array(128 if signed else 0, np.uint8), "zq")
+    q = g.op("QuantizeLinear", [y, g.const(np.array(1.0, np.float32), "one"), zero_out], "q")
+    _clip_uint8(g, q, lo, hi, signed, _uint8_output(g, out))
+
+
+def _qlinear_step(g: _Graph, node: Node) -> bool:
+    """add, requantize, input and affine as ``_dq_step`` where a float32 ``rne`` plan is proven;
+    False leaves the node to ``_lower``."""
+    p, a = g.program, node.attrs
+    rne = {"dtypes": (np.float32,), "rounding": "rne"}
+    x = node.inputs[0]
+    ndim = len(p.tensors[node.output].shape) + 1 if node.output in p.tensors else 4
+
+    def per_channel(plan):
+        M, C = plan[:2]
+        if len(M) == 1:
+            return M[0], C[0]
+        return M, C.reshape(_channel_shape(ndim, len(C)))
+
+    if node.op == "add":
+        ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
+        plan = add_plans(a["m_a"], a["m_b"], a["shift"], a["lo"], a["hi"], *ranges, **rne)
+        if plan:
+            terms = list(zip(node.inputs, plan[:2], strict=True))
+            _dq_step(g, terms, plan[2], a["lo"], a["hi"], node.output)
+        return bool(plan)
+    if node.op == "requantize" and x in g.bounds:
+        m, t, bound = node.params["m"], node.params["t"], g.bounds[x]
+        plan = channel_plans(m, np.zeros_like(m), t, a["lo"], a["hi"], -bound, bound, **rne)
+    elif node.op == "input":
+        ca, cb = node.params["a"], node.params["b"]
+        ts = [a["shift"]] * len(ca)
+        plan = channel_plans(ca, cb, ts, a["qmin"], a["qmax"], 0, 255, **rne)
+        if plan:
+            M, C = per_channel(plan)
+            _dq_step(g, [(x, M)], C, a["qmin"], a["qmax"], node.output)
+        return bool(plan)
+    elif node.op == "affine":
+        ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x]
+        ts = [a["shift"]] * len(ca)
+        plan = channel_plans(ca, cb, ts, a["lo"], a["hi"], xs.qmin, xs.qmax, **rne)
+    else:
+        return False
+    if plan:
+        M, C = per_channel(plan)
+        _dq_step(g, [(x, M)], C, a["lo"], a["hi"], node.output)
+    return bool(plan)
 
 
 def _lower(g: _Graph, node: Node) -> None:
@@ -387,16 +552,40 @@ def _lower(g: _Graph, node: Node) -> None:
         raise ExportError(f"node '{node.name}' ({node.op}): no integer ONNX lowering")
 
 
-def to_onnx_model(program: IntProgram, exact_float: bool = False):
+def to_onnx_model(program: IntProgram, exact_float: bool = False, qlinear: bool = False):
     """The program as an onnx.ModelProto (checked with onnx.checker). ``exact_float``: the
     rounding steps (requantize, add, input, affine) as float32/float64 Mul, Add, Floor, Clip
     wherever ``runtime.exact_float`` proves them equal to the integer rule, as the torch runtime
-    runs them; else (default) integer operators only."""
-    g = _Graph(program, exact_float)
+    runs them; else (default) integer operators only. ``qlinear`` (implies ``exact_float``): each
+    conv2d whose only reader is a requantize becomes one ONNX Runtime QLinearConv where
+    ``_qlinear_conv`` proves it exact (ONNX Runtime's int8 kernels, as a QDQ model runs)."""
+    g = _Graph(program, exact_float or qlinear, qlinear)
+    readers: dict[str, list[Node]] = {}
+    for node in program.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    fused: set[str] = set()  # requantize nodes already lowered inside a QLinearConv
     for node in program.nodes:
         if node.op == "output":
+            g.codes(node.inputs[0])
             g.cast(g.t(node.inputs[0]), "int32", "logits")
             continue
+        if node.name in fused:
+            continue
+        after = readers.get(node.output, [])
+        if (
+            qlinear
+            and node.op == "conv2d"
+            and len(after) == 1
+            and after[0].op == "requantize"
+            and _qlinear_conv(g, node, after[0])
+        ):
+            fused.add(after[0].name)
+            continue
+        if qlinear and _qlinear_step(g, node):
+            continue
+        for name in node.inputs:
+            g.codes(name)
         _lower(g, node)
     return g.finish("lsqint_intprogram", g.TP.INT32)
 
@@ -413,15 +602,16 @@ def write_model(model, path) -> int:
     return path.stat().st_size
 
 
-def export_onnx(program: IntProgram, path, exact_float: bool = False) -> int:
-    """Write the ONNX model (integer operators only unless ``exact_float``); returns its size."""
-    return write_model(to_onnx_model(program, exact_float), path)
+def export_onnx(program: IntProgram, path, exact_float: bool = False, qlinear: bool = False) -> int:
+    """Write the ONNX model (integer operators only unless ``exact_float`` or ``qlinear``);
+    returns its size."""
+    return write_model(to_onnx_model(program, exact_float, qlinear), path)
 
 
 class OnnxSession:
     """An ONNX Runtime session (CPU) for a program, reusable across batches."""
 
-    def __init__(self, program: IntProgram, exact_float: bool = False):
+    def __init__(self, program: IntProgram, exact_float: bool = False, qlinear: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover
@@ -430,8 +620,11 @@ class OnnxSession:
             ) from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # The qlinear format's DequantizeLinear -> Add -> QuantizeLinear steps are proven as
+        # written; ONNX Runtime must not fuse them into its own QLinearAdd-style kernels.
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(
-            to_onnx_model(program, exact_float).SerializeToString(),
+            to_onnx_model(program, exact_float, qlinear).SerializeToString(),
             options,
             providers=["CPUExecutionProvider"],
         )
@@ -440,5 +633,7 @@ class OnnxSession:
         return self.session.run(["logits"], {"input": np.ascontiguousarray(images)})[0]
 
 
-def run_onnx(program: IntProgram, images: np.ndarray, exact_float: bool = False) -> np.ndarray:
-    return OnnxSession(program, exact_float)(images)
+def run_onnx(
+    program: IntProgram, images: np.ndarray, exact_float: bool = False, qlinear: bool = False
+) -> np.ndarray:
+    return OnnxSession(program, exact_float, qlinear)(images)

@@ -57,11 +57,14 @@ def _c(program: IntProgram, images, **_options) -> np.ndarray:
 
 
 @register_runtime("onnx")
-def _onnx(program: IntProgram, images, exact_float: bool = False, **_options) -> np.ndarray:
-    """``exact_float=True``: the export's rounding steps as proven-exact float ops."""
+def _onnx(
+    program: IntProgram, images, exact_float: bool = False, qlinear: bool = False, **_options
+) -> np.ndarray:
+    """``exact_float=True``: the export's rounding steps as proven-exact float ops;
+    ``qlinear=True``: also each conv + requantize as a proven-exact QLinearConv."""
     from ..export.onnx_int import run_onnx
 
-    return run_onnx(program, images, exact_float)
+    return run_onnx(program, images, exact_float, qlinear)
 
 
 def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
