@@ -26,4 +26,7 @@ def test_bench_command_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert {"qat_overhead", "int_inference", "onnx_inference", "evidence"} <= set(result)
     assert result["evidence"]["commit"]
-    assert all(r["ort_int_ratio"] > 0 for r in result["onnx_inference"])
+    rows = result["onnx_inference"]
+    speeds = ("ort_float32", "ort_qdq_w8a8", "ort_int", "ort_int_float", "ort_qlinear", "torch_int")
+    assert all(r[f"{k}_images_per_s"] > 0 for r in rows for k in speeds)
+    assert [r["program"] for r in rows] == ["W4A4", "W8A8"]

@@ -3,7 +3,7 @@ scripts in benchmarks/.
 
     qat_overhead     training step time: lsqint QAT and PyTorch's LSQ peer, each / float
     int_inference    images/s: torch integer runtime and the reference, each / float32 eager
-    onnx_inference   images/s: ONNX Runtime on the integer export and torch-int, each / ORT float32
+    onnx_inference   images/s: ORT float32, ORT int8 QDQ, the three integer ONNX exports, torch-int
 
 Every function returns rows of plain numbers; timings are medians of round-robin rounds so that
 machine noise hits every variant alike. Models get random weights with randomized BatchNorm
@@ -256,10 +256,18 @@ def onnx_inference(
     bits_list=(4, 8),
     rounds: int = 5,
     image_size: int = 32,
+    programs: dict | None = None,
+    threads: int = 0,
 ) -> list[dict]:
+    """img/s of ONNX Runtime float32 (the float model), ONNX Runtime's int8 QDQ path (W8A8, the
+    speed CPU users get today, not exact), lsqint's three integer ONNX exports (int, int-float,
+    qlinear) and the torch runtime, timed interleaved in one run. ``programs`` (label -> trained
+    IntProgram of ``model``) replaces the random-weight programs of ``bits_list``. ``threads``:
+    ONNX Runtime's intra-op threads (0: its default)."""
     import onnxruntime as ort
 
-    from .export.onnx_int import OnnxSession
+    from .export.onnx_int import ExportError, OnnxSession
+    from .export.onnx_qdq import to_qdq_model
 
     images = _images(model, batch, image_size)
     images_np = images.numpy()
@@ -276,45 +284,50 @@ def onnx_inference(
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = threads
     fsess = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-    # What CPU users run for int8 today: ONNX Runtime with a QDQ model (QLinearConv kernels) of
-    # the same architecture at W8A8; not exact, the speed to beat.
-    from .export.onnx_qdq import to_qdq_model
-
+    if programs is None:
+        programs = {f"W{b}A{b}": program_for(model, b, images, image_size) for b in bits_list}
+    # The QDQ baseline: the first W8A8 program measured (trained weights), else a random one.
+    qdq_model = None
+    for program in programs.values():
+        try:
+            qdq_model = to_qdq_model(program)
+            break
+        except ExportError:  # sub-8-bit: no QDQ form
+            continue
+    qdq_model = qdq_model or to_qdq_model(program_for(model, 8, images, image_size))
     qdq = ort.InferenceSession(
-        to_qdq_model(program_for(model, 8, images, image_size)).SerializeToString(),
-        options,
-        providers=["CPUExecutionProvider"],
+        qdq_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     rows = []
-    for bits in bits_list:
-        program = program_for(model, bits, images, image_size)
-        isess = OnnxSession(program)
-        qsess = OnnxSession(program, qlinear=True)
+    for label, program in programs.items():
+        sessions = {
+            "ort-int": OnnxSession(program, threads=threads),
+            "ort-int-float": OnnxSession(program, exact_float=True, threads=threads),
+            "ort-qlinear": OnnxSession(program, qlinear=True, threads=threads),
+        }
         compiled = CompiledProgram(program)
         expected = compiled(images_np[:8])
-        for name, session in (("integer", isess), ("qlinear", qsess)):
+        for name, session in sessions.items():
             if not np.array_equal(session(images_np[:8]), expected):
-                raise AssertionError(f"ONNX Runtime ({name} export) differs from the torch runtime")
+                raise AssertionError(f"{name} differs from the torch runtime")
         fns = {
             "ort-float32": lambda: fsess.run(["logits"], {"input": images_f}),
             "ort-qdq-w8a8": lambda: qdq.run(None, {"input": images_np}),
-            "ort-int": lambda isess=isess: isess(images_np),
-            "ort-qlinear": lambda qsess=qsess: qsess(images_np),
+            **{name: (lambda s=session: s(images_np)) for name, session in sessions.items()},
             "torch-int": lambda compiled=compiled: compiled(images_np),
         }
         for fn in fns.values():
             fn()
         ips = {k: batch / v for k, v in interleaved_timings(fns, rounds).items()}
-        base = ips["ort-float32"]
         rows.append(
             {
-                "bits": f"W{bits}A{bits}",
+                "program": label,
                 **{f"{k.replace('-', '_')}_images_per_s": v for k, v in ips.items()},
-                "ort_int_ratio": ips["ort-int"] / base,
-                "ort_qlinear_ratio": ips["ort-qlinear"] / base,
                 "ort_qlinear_vs_qdq": ips["ort-qlinear"] / ips["ort-qdq-w8a8"],
-                "torch_int_ratio": ips["torch-int"] / base,
+                "ort_qlinear_vs_float32": ips["ort-qlinear"] / ips["ort-float32"],
+                "torch_int_vs_qdq": ips["torch-int"] / ips["ort-qdq-w8a8"],
             }
         )
     return rows

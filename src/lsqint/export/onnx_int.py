@@ -50,7 +50,9 @@ def _require_onnx():
 
 
 class _Graph:
-    def __init__(self, program: IntProgram, exact_float: bool = False, qlinear: bool = False):
+    def __init__(
+        self, program: IntProgram, exact_float: bool = False, qlinear: bool = False, threads=0
+    ):
         self.onnx, self.TP, self.helper, self.numpy_helper = _require_onnx()
         self.program = program
         self.exact_float = exact_float  # rounding steps as proven-exact float ops (see _float_step)
@@ -611,7 +613,9 @@ def export_onnx(program: IntProgram, path, exact_float: bool = False, qlinear: b
 class OnnxSession:
     """An ONNX Runtime session (CPU) for a program, reusable across batches."""
 
-    def __init__(self, program: IntProgram, exact_float: bool = False, qlinear: bool = False):
+    def __init__(
+        self, program: IntProgram, exact_float: bool = False, qlinear: bool = False, threads=0
+    ):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover
@@ -620,6 +624,7 @@ class OnnxSession:
             ) from None
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
         # The qlinear format's DequantizeLinear -> Add -> QuantizeLinear steps are proven as
         # written; ONNX Runtime must not fuse them into its own QLinearAdd-style kernels.
         options.add_session_config_entry("session.disable_quant_qdq", "1")
