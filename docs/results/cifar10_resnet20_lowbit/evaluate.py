@@ -44,6 +44,12 @@ CANDIDATES = [
         RUNS / "clip/cifar10_resnet20/w3a3",
         "KD, from W4A4, lr 0.03, grad-clip 1, residual-bits 8, wd 5e-5",
     ),
+    # Session 5: the progressive chain float -> 4 -> 3 -> 2 bits, every step with the fix.
+    (
+        "W4A4 chain",
+        RUNS / "chain/cifar10_resnet20/w4a4",
+        "KD, from float, lr 0.01, grad-clip 1, residual-bits 8, wd 5e-5",
+    ),
 ]
 
 
