@@ -17,6 +17,20 @@ Signed codes enter ConvInteger/MatMulInteger as ``code + 128`` (uint8) with zero
 ``(x_u - 128) * (w_u - 128) == x_q * w_q`` exactly; ONNX Runtime implements these kernels for
 uint8 x uint8 on every CPU.
 
+Two faster forms keep the bit-exactness by proof instead of by integer operators:
+
+    int-float     each rounding step as float32/float64 Cast, Mul, Add, Floor, Clip where
+                  ``runtime.exact_float`` proves it (the torch runtime's arithmetic)
+    qlinear       each conv2d + requantize as one QLinearConv (ONNX Runtime's int8 kernels, as a
+                  QDQ model runs) and each rounding step as DequantizeLinear, Add, QuantizeLinear,
+                  Clip, where ``runtime.exact_float.qlinear_layer_plan`` / the ``rne`` plans prove
+                  them; signed codes travel as uint8 code + 128 between such ops
+
+The qlinear proofs model ONNX Runtime's x86-64 CPU kernels (MLAS): the int32 accumulator, no
+int16 saturation (``PAIR_SUM_LIMIT``; uint8 weights otherwise), ``fl(fl(acc + bias) * scale)``
+rounded half to even, + zero point, saturate. Every runtime test checks the result against the
+reference; on another CPU or execution provider, check it the same way before relying on it.
+
 Floor shift. ONNX's BitShift takes unsigned types only (a logical shift), and integer Div
 truncates toward zero; neither is floor division of a negative int64. With the accumulator bound
 B that verify() recorded, ``v = acc * m + 2^(t-1) + K * 2^t`` with

@@ -61,10 +61,16 @@ def _onnx(
     program: IntProgram, images, exact_float: bool = False, qlinear: bool = False, **_options
 ) -> np.ndarray:
     """``exact_float=True``: the export's rounding steps as proven-exact float ops;
-    ``qlinear=True``: also each conv + requantize as a proven-exact QLinearConv."""
-    from ..export.onnx_int import run_onnx
+    ``qlinear=True``: also each conv + requantize as a proven-exact QLinearConv. The session
+    (export, proofs, ONNX Runtime's graph optimization: seconds) is kept on the program like
+    ``compile_program``'s, so calls in a loop build it once."""
+    from ..export.onnx_int import OnnxSession
 
-    return run_onnx(program, images, exact_float, qlinear)
+    cache = program.__dict__.setdefault("_compiled", {})
+    key = ("onnx", bool(exact_float), bool(qlinear))
+    if key not in cache:
+        cache[key] = OnnxSession(program, exact_float, qlinear)
+    return cache[key](images)
 
 
 def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
