@@ -153,7 +153,8 @@ def test_qdq_export_refuses_sub_8_bit_programs(digits_runs):
         to_qdq_model(load(digits_runs["qat"]["program"]))
 
 
-def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs):
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-qlinear"])
+def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs, runtime):
     import json
 
     from lsqint.cli import main
@@ -164,7 +165,7 @@ def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs):
         "--program",
         digits_runs["qat"]["program"],
         "--runtime",
-        "onnx",
+        runtime,
         "--cuda",
         "-1",
         "--json",
@@ -172,4 +173,4 @@ def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs):
     ]
     assert main(args) == 0
     row = json.loads(out.read_text())
-    assert row["runtime"] == "onnx" and row["agreement"] >= 0.999
+    assert row["runtime"] == runtime and row["agreement"] >= 0.999

@@ -54,10 +54,10 @@ def integer_predictions(
     compiled = None
     if runtime == "torch":
         compiled = CompiledProgram(program, device)
-    elif runtime == "onnx":
+    elif runtime in ("onnx", "onnx-qlinear"):
         from .export.onnx_int import OnnxSession
 
-        compiled = OnnxSession(program)
+        compiled = OnnxSession(program, qlinear=runtime == "onnx-qlinear")
     preds = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):

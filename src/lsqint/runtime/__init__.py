@@ -73,6 +73,12 @@ def _onnx(
     return cache[key](images)
 
 
+@register_runtime("onnx-qlinear")
+def _onnx_qlinear(program: IntProgram, images, **_options) -> np.ndarray:
+    """ONNX Runtime on the qlinear export (QLinearConv / QuantizeLinear where proven exact)."""
+    return _onnx(program, images, qlinear=True)
+
+
 def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
     arr = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     expected = tuple(program.input_spec.shape)
