@@ -44,10 +44,11 @@ W=$R/recipe/cifar10_resnet20
 # Session 4: W3A3 with the W2A2 fix (clip, 8-bit residual stream, lr 0.03), 2 epochs from W4A4.
 [ -f $R/clip/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 2 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $W/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/clip
 
-# Session 5 (2026-11-29): the whole progressive chain with the fix (clip 1, 8-bit residual stream):
-# float -> W4A4 (3 epochs, lr 0.01) -> W3A3 (3 epochs, lr 0.03) -> W2A2 (12 epochs, lr 0.03; 12 of
-# the 15 allowed: what was left of the 3-hour session).
+# Session 5 (2026-11-29): the progressive chain with the fix (clip 1, 8-bit residual stream):
+# float -> W4A4 (3 epochs, lr 0.01) -> W3A3 (3 epochs, lr 0.03). Its W2A2 step (planned: 8-15
+# epochs from this W3A3) did not fit in the session after the W3A3 step ran beside tests and CI.
 C=$R/chain/cifar10_resnet20
 [ -f $C/w4a4/best.pt ] || qat -w 4 -a 4 -e 3 --lr 0.01 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $FLOAT --distill --log-dir $R/chain
 [ -f $C/w3a3/best.pt ] || qat -w 3 -a 3 -e 3 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/chain
-[ -f $C/w2a2/best.pt ] || qat -w 2 -a 2 -e 12 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $C/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/chain
+# Session 5: W8A8 with the same optimizer settings (clip 1, lr 0.01), 2 epochs from float.
+[ -f $C/w8a8/best.pt ] || qat -w 8 -a 8 -e 2 --lr 0.01 --grad-clip 1 --wd 5e-5 --init $FLOAT --distill --log-dir $R/chain
