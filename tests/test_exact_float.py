@@ -53,15 +53,7 @@ def test_affine_plan_matches_exact_requantize_everywhere_it_claims(
     if plan is None:
         return  # the runtime falls back to int64; nothing is claimed
     # Every integer in the range (dense below 20k, sampled above) agrees.
-    xs = (
-        np.arange(-bound, bound + 1)
-        if bound <= 20_000
-        else np.unique(
-            np.concatenate(
-                [np.random.default_rng(0).integers(-bound, bound + 1, 40_000), [-bound, bound]]
-            )
-        )
-    )
+    xs = dense_or_sampled(bound)
     assert np.array_equal(emulate(xs, *plan, lo, hi), exact(xs, m, 0, t, lo, hi))
 
 
