@@ -52,3 +52,5 @@ C=$R/chain/cifar10_resnet20
 [ -f $C/w3a3/best.pt ] || qat -w 3 -a 3 -e 3 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/chain
 # Session 5: W8A8 with the same optimizer settings (clip 1, lr 0.01), 2 epochs from float.
 [ -f $C/w8a8/best.pt ] || qat -w 8 -a 8 -e 2 --lr 0.01 --grad-clip 1 --wd 5e-5 --init $FLOAT --distill --log-dir $R/chain
+# Session 5, last: W3A3 from the chain's W4A4 at lr 0.01 (the lr-0.03 step above lost ground).
+[ -f $R/chain01/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 3 --lr 0.01 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/chain01
