@@ -56,6 +56,11 @@ CANDIDATES = [
         "KD, from W4A4 chain, lr 0.03, grad-clip 1, residual-bits 8, wd 5e-5",
     ),
     ("W8A8 clip", RUNS / "chain/cifar10_resnet20/w8a8", "KD, from float, lr 0.01, grad-clip 1"),
+    (
+        "W3A3 chain lowlr",
+        RUNS / "chain01/cifar10_resnet20/w3a3",
+        "KD, from W4A4 chain, lr 0.01, grad-clip 1, residual-bits 8, wd 5e-5",
+    ),
 ]
 
 
