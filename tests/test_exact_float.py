@@ -29,6 +29,10 @@ def emulate_qlinearconv(x, scale, c, z, lo, hi, out_min, out_max):
     return np.clip(q, lo, hi)
 
 
+def code_range(bits, signed):
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
 def dense_or_sampled(bound):
     if bound <= 20_000:
         return np.arange(-bound, bound + 1)
@@ -48,7 +52,7 @@ def test_affine_plan_matches_exact_requantize_everywhere_it_claims(
     real, bits, signed, bound, dtype
 ):
     m, t = quantize_multiplier(real)
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    lo, hi = code_range(bits, signed)
     plan = affine_step_plan(m, 0, t, lo, hi, -bound, bound, dtype)
     if plan is None:
         return  # the runtime falls back to int64; nothing is claimed
@@ -123,7 +127,7 @@ def test_torch_runtime_reports_its_paths(bits):
 def test_rne_plan_matches_exact_requantize_everywhere_it_claims(real, bits, signed, bound):
     # The qlinear export's QuantizeLinear rounds half to even; its plans are proven for that.
     m, t = quantize_multiplier(real)
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    lo, hi = code_range(bits, signed)
     plan = affine_step_plan(m, 0, t, lo, hi, -bound, bound, np.float32, "rne")
     if plan is None:
         return
@@ -141,7 +145,7 @@ def test_rne_plan_matches_exact_requantize_everywhere_it_claims(real, bits, sign
 )
 def test_qlinear_plan_matches_exact_requantize_everywhere_it_claims(real, bits, signed, bound, z):
     m, t = quantize_multiplier(real)
-    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    lo, hi = code_range(bits, signed)
     out_min, out_max = (-128, 127) if signed else (0, 255)
     z = z - 128 if signed else z
     plan = qlinear_plan(m, t, lo, hi, -bound, bound, z, out_min, out_max)

@@ -261,6 +261,7 @@ def _qlinear_conv(g: _Graph, conv: Node, req: Node) -> bool:
     ph, pw = a["padding"]
     kh, kw = weight.shape[2:]
     out = _uint8_output(g, req.output)
+    clip = (lo, hi) != (out_min, out_max)
     y = g.op(
         "QLinearConv",
         [
@@ -270,15 +271,14 @@ def _qlinear_conv(g: _Graph, conv: Node, req: Node) -> bool:
             g.const(bias.astype(np.int32), "bias"),
         ],
         "qconv",
+        out if not clip else None,
         strides=a["stride"],
         pads=[ph, pw, ph, pw],
         dilations=a["dilation"],
         group=a["groups"],
         kernel_shape=[kh, kw],
     )
-    if (lo, hi) == (out_min, out_max):
-        g.op("Identity", [y], "id", out)
-    else:
+    if clip:
         _clip_uint8(g, y, lo, hi, signed_out, out)
     return True
 
