@@ -143,3 +143,47 @@ def test_torch_runtime_compiles_once_per_program_and_device():
     restored = pickle.loads(pickle.dumps(program))  # the cache is not part of the program
     assert "_compiled" not in restored.__dict__
     assert np.array_equal(run(restored, images.numpy(), runtime="torch"), expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_int8_gemm_path_equals_reference(name, bits):
+    """Convolutions as im2col + torch._int_mm (the CUDA tensor-core path; slow but exact on CPU):
+    every ungrouped conv/linear whose codes fit int8 takes it, and the logits are the reference's.
+    The first and last layers (8-bit weights by default) cover uint8 pixels shifted by 128 and
+    full-range int8 weights; all-0 and all-255 images the extremes of that shift."""
+    from lsqint.runtime import compile_program
+
+    config = QuantConfig(weight_bits=bits, act_bits=bits)
+    _, program, images = random_qat_program(name, config, seed=31 + bits, batch=3)
+    compiled = compile_program(program, "cpu", int8_gemm=True)
+    accumulating = [n.name for n in program.nodes if n.op in ("conv2d", "linear")]
+    assert [compiled.paths[n] for n in accumulating] == ["int8-gemm"] * len(accumulating)
+    extremes = np.stack(
+        [np.zeros(images.shape[1:], np.uint8), np.full(images.shape[1:], 255, np.uint8)]
+    )
+    for batch in (images.numpy(), extremes):
+        assert_runtimes_agree(program, batch, runtimes=("torch",), torch={"int8_gemm": True})
+
+
+def test_int8_gemm_keeps_the_float_path_where_int8_cannot_hold_the_codes():
+    """A weight code outside int8 (as a hand-edited program could carry) keeps that conv on the
+    float path; the other convs stay int8 and the logits stay the reference's."""
+    from lsqint.intprog.verify import conv_acc_bound
+    from lsqint.runtime import compile_program
+    from lsqint.runtime.torch_runtime import _int_mm_is_exact
+
+    assert _int_mm_is_exact(torch.device("cpu"), 576)  # this CPU's kernel passes the probe
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=5)
+    convs = [n for n in program.nodes if n.op == "conv2d"]
+    edited = convs[-1]
+    weight = np.array(edited.params["weight"], dtype=np.int64)
+    weight.flat[0] = 300
+    edited.params["weight"] = weight.astype(np.int32)
+    spec = program.tensors[edited.inputs[0]]
+    absmax = max(abs(spec.qmin), abs(spec.qmax))
+    edited.attrs["acc_bound"] = int(conv_acc_bound(weight, edited.params["bias"], absmax).max())
+    compiled = compile_program(program, "cpu", int8_gemm=True)
+    assert compiled.paths[edited.name] != "int8-gemm"
+    assert compiled.paths[convs[0].name] == "int8-gemm"
+    assert_runtimes_agree(program, images.numpy(), runtimes=("torch",), torch={"int8_gemm": True})

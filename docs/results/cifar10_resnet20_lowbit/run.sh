@@ -54,3 +54,10 @@ C=$R/chain/cifar10_resnet20
 [ -f $C/w8a8/best.pt ] || qat -w 8 -a 8 -e 2 --lr 0.01 --grad-clip 1 --wd 5e-5 --init $FLOAT --distill --log-dir $R/chain
 # Session 5, last: W3A3 from the chain's W4A4 at lr 0.01 (the lr-0.03 step above lost ground).
 [ -f $R/chain01/cifar10_resnet20/w3a3/best.pt ] || qat -w 3 -a 3 -e 3 --lr 0.01 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/chain01
+
+# Session 6 (2026-11-29): a longer W3A3 step from the chain's W4A4 (6 epochs, lr 0.03), then W2A2
+# for 10 epochs from it (the 15-epoch clip W2A2 above started from a 84.64 % W3A3; this one from
+# a W3A3 near 86 %).
+S=$R/s6/cifar10_resnet20
+[ -f $S/w3a3/best.pt ] || qat -w 3 -a 3 -e 6 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/s6
+[ -f $S/w2a2/best.pt ] || qat -w 2 -a 2 -e 10 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $S/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/s6

@@ -31,22 +31,27 @@ def _reference(program: IntProgram, images, **_options) -> np.ndarray:
     return run_reference(program, np.ascontiguousarray(images))
 
 
-def compile_program(program: IntProgram, device: str | torch.device = "cpu") -> CompiledProgram:
+def compile_program(
+    program: IntProgram, device: str | torch.device = "cpu", int8_gemm: bool = False
+) -> CompiledProgram:
     """The torch runtime's compiled form of ``program`` on ``device``, built once per program and
     device (exactness proofs, weight conversion) and kept on the program object, so that
     ``run(program, batch, runtime="torch")`` in a loop does not rebuild it every call. Programs
     are not meant to be edited after ``convert``/``load``; one that is must be compiled anew
-    (``CompiledProgram(program, device)``)."""
+    (``CompiledProgram(program, device)``). ``int8_gemm``: convolutions as int8 GEMMs
+    (``torch._int_mm``; see the torch runtime's docstring)."""
     cache = program.__dict__.setdefault("_compiled", {})
-    key = str(torch.device(device))
+    key = (str(torch.device(device)), bool(int8_gemm))
     if key not in cache:
-        cache[key] = CompiledProgram(program, device)
+        cache[key] = CompiledProgram(program, device, int8_gemm=bool(int8_gemm))
     return cache[key]
 
 
 @register_runtime("torch")
-def _torch(program: IntProgram, images, device: str = "cpu", **_options) -> np.ndarray:
-    return compile_program(program, device)(images)
+def _torch(
+    program: IntProgram, images, device: str = "cpu", int8_gemm: bool = False, **_options
+) -> np.ndarray:
+    return compile_program(program, device, int8_gemm)(images)
 
 
 @register_runtime("c")

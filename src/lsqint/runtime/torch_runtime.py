@@ -14,6 +14,13 @@ convolutions only where exactness is proven from the bound ``verify`` recorded (
 * requantize, add and the input op run as two float32 ops and a floor where ``exact_float`` proves
   the result equal to the reference's for every input the op can see (per layer, at build time);
   elsewhere in int64 exactly like the reference. ``CompiledProgram.paths`` says which ran where.
+
+``int8_gemm=True`` runs each conv/linear whose codes fit int8 as an integer GEMM instead:
+im2col of the codes (shifted by 128 when they are unsigned 8-bit), ``torch._int_mm`` (int8 x int8
+-> int32: cuBLASLt's int8 tensor cores on CUDA, a slow exact kernel on CPU), plus a per-channel
+int32 offset (bias + 128 * sum of weights). Exact when every partial sum fits int32:
+max|x'| * sum|w| < 2^31 per output channel, checked per layer; each device's kernel is also probed
+once with the worst-case operands a saturating kernel would get wrong (``_int_mm_is_exact``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,37 @@ from .exact_float import add_plans, affine_step_plan, channel_plans
 
 F32_EXACT = 1 << 24
 F64_EXACT = 1 << 53
+INT32_LIMIT = 1 << 31
+_INT_MM_EXACT: dict[str, bool] = {}
+
+
+def _ceil8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) in int8 -> int32 with K and N multiples of 8; pads M past 16 (cuBLASLt's
+    shape rules for ``torch._int_mm``)."""
+    m = a.shape[0]
+    if m <= 16:
+        a = F.pad(a, (0, 0, 0, 17 - m))
+    return torch._int_mm(a, b)[:m]
+
+
+def _int_mm_is_exact(device: torch.device, k: int) -> bool:
+    """Does this device's ``torch._int_mm`` sum K products of int8 exactly into int32? Probed with
+    the operands that break kernels which add product pairs in 16 bits (AVX2's vpmaddubsw after a
+    +128 shift: 255 * -128 * 2 < -2^15) or accumulate in anything narrower than int32."""
+    key = f"{device}:{k}"
+    if key not in _INT_MM_EXACT:
+        kp = _ceil8(k)
+        a = torch.tensor([[-128] * kp, [127] * kp, [-128, 127] * (kp // 2)], dtype=torch.int8)
+        b = torch.tensor([[-128, 127, -128, 127, 1, -1, 0, 127]] * kp, dtype=torch.int8)
+        b[1::2, 2] = 127  # alternating signs along K
+        exact = a.to(torch.int64) @ b.to(torch.int64)
+        got = _int_mm(a.to(device), b.to(device)).cpu().to(torch.int64)
+        _INT_MM_EXACT[key] = bool(torch.equal(got, exact))
+    return _INT_MM_EXACT[key]
 
 
 def _float_dtype(bound: int, device: torch.device) -> torch.dtype:
@@ -54,15 +92,19 @@ def _rounding_shift(acc: torch.Tensor, t) -> torch.Tensor:
 class CompiledProgram:
     """A program with its parameters moved to ``device`` once, ready to run many batches."""
 
-    def __init__(self, program: IntProgram, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, program: IntProgram, device: str | torch.device = "cpu", int8_gemm: bool = False
+    ) -> None:
         self.program = program
         self.device = torch.device(device)
+        self.int8_gemm = int8_gemm
         self.producer = {n.output: n for n in program.nodes}
         self.readers: dict[str, int] = {}
         for n in program.nodes:
             for name in n.inputs:
                 self.readers[name] = self.readers.get(name, 0) + 1
-        self.paths: dict[str, str] = {}  # node name -> "float32" | "float64" | "int64"
+        # node name -> "float32" | "float64" | "int64" | "int8-gemm" | ...
+        self.paths: dict[str, str] = {}
         self.steps: list[tuple[Node, Callable]] = [
             (node, self._build(node)) for node in program.nodes if node.op != "output"
         ]
@@ -84,6 +126,10 @@ class CompiledProgram:
         if node.op in ("input", "affine"):
             return self._build_affine(node)
         if node.op in ("conv2d", "linear"):
+            gemm = self._build_int8_gemm(node) if self.int8_gemm else None
+            if gemm is not None:
+                self.paths[node.name] = "int8-gemm"
+                return gemm
             dtype = _float_dtype(a["acc_bound"], dev)
             self.paths[node.name] = str(dtype).replace("torch.", "")
             weight = self._param(node, "weight", dtype)
@@ -189,6 +235,74 @@ class CompiledProgram:
             axis, start, length = a["axis"] + 1, a["start"], a["end"] - a["start"]
             return lambda x: x.narrow(axis, start, length)
         raise NotImplementedError(f"torch runtime has no op {node.op!r}")
+
+    def _build_int8_gemm(self, node: Node) -> Callable | None:
+        """conv2d/linear as im2col + int8 GEMM (module docstring), or None where the codes do not
+        fit int8, a partial sum could leave int32, the conv is grouped, or the kernel failed its
+        probe."""
+        a = node.attrs
+        if node.op == "conv2d" and a["groups"] != 1:
+            return None
+        spec = self.program.tensors[node.inputs[0]]
+        if -128 <= spec.qmin and spec.qmax <= 127:
+            shift = 0
+        elif 0 <= spec.qmin and spec.qmax <= 255:
+            # Unsigned 8-bit codes: x' = x - 128 is int8; sum(x w) = sum(x' w) + 128 sum(w).
+            shift = 128
+        else:
+            return None
+        weight = np.asarray(node.params["weight"], np.int64)
+        w = weight.reshape(weight.shape[0], -1)  # (O, K), K ordered (C, KH, KW) like im2col below
+        if w.size == 0 or w.min() < -128 or w.max() > 127:
+            return None
+        offset = np.asarray(node.params["bias"], np.int64) + shift * w.sum(axis=1)
+        x_absmax = max(abs(spec.qmin - shift), abs(spec.qmax - shift))
+        partial = x_absmax * np.abs(w).sum(axis=1)
+        if (
+            int(partial.max()) >= INT32_LIMIT
+            or int(np.abs(offset).max()) >= INT32_LIMIT
+            or int(a["acc_bound"]) >= INT32_LIMIT
+            or not _int_mm_is_exact(self.device, w.shape[1])
+        ):
+            return None
+        out_ch, k = w.shape
+        kp, op = _ceil8(k), _ceil8(out_ch)
+        w_mat = torch.zeros((kp, op), dtype=torch.int8)
+        w_mat[:k, :out_ch] = torch.as_tensor(w.T.copy())
+        w_mat = w_mat.to(self.device)
+        offset_t = torch.as_tensor(offset, dtype=torch.int32, device=self.device)
+        # Exact integers below 2^24 travel as float32 like the float path's; else float64.
+        out_dtype = torch.float32 if int(a["acc_bound"]) < F32_EXACT else torch.float64
+
+        def gemm(cols: torch.Tensor) -> torch.Tensor:  # (M, K) int8 -> (M, O) exact, out_dtype
+            cols = F.pad(cols, (0, kp - k)) if kp != k else cols
+            return (_int_mm(cols, w_mat)[:, :out_ch] + offset_t).to(out_dtype)
+
+        if node.op == "linear":
+
+            def run_linear_int8(x):
+                return gemm((x - shift).to(torch.int8))
+
+            return run_linear_int8
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            weight.shape[2:],
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+        )
+
+        def run_conv_int8(x):
+            n = x.shape[0]
+            # Padding pads code 0, i.e. x' = -shift.
+            x8 = F.pad((x - shift).to(torch.int8), (pw, pw, ph, ph), value=-shift)
+            win = x8.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+            win = win[..., ::dh, ::dw]  # (N, C, OH, OW, KH, KW)
+            oh, ow = win.shape[2], win.shape[3]
+            cols = win.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, k)
+            acc = gemm(cols).view(n, oh, ow, out_ch)
+            return acc.permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+
+        return run_conv_int8
 
     def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
         """Per-channel (M, C) tensors and their dtype for the first float dtype proven exact."""
