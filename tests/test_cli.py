@@ -339,3 +339,21 @@ def test_best_checkpoint_and_its_program_carry_the_same_run_and_epoch(digits_run
     assert program.metadata["epoch"] == meta["epoch"]
     other = load_checkpoint(digits_runs["qat8"]["checkpoint"])["meta"]
     assert other["run_id"] != meta["run_id"]
+
+
+def test_infer_on_the_int8_gemm_runtime_gives_the_torch_runtimes_accuracy(tmp_path, digits_runs):
+    """``--runtime torch-int8`` (convolutions as int8 GEMMs) is exact: the same integer top-1 and
+    agreement as the float-path torch runtime on the same program."""
+    import json
+
+    from lsqint.cli import main
+
+    rows = {}
+    for runtime in ("torch", "torch-int8"):
+        out = tmp_path / f"{runtime}.json"
+        args = ["infer", "--program", digits_runs["qat"]["program"], "--runtime", runtime]
+        assert main([*args, "--cuda", "-1", "--json", str(out)]) == 0
+        rows[runtime] = json.loads(out.read_text())
+    assert rows["torch-int8"]["runtime"] == "torch-int8"
+    for key in ("int_acc", "agreement", "flips"):
+        assert rows["torch-int8"][key] == rows["torch"][key]

@@ -163,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="QAT checkpoint for the fake-quant comparison (default: best.pt next to the program)",
     )
-    p.add_argument("--runtime", default="torch", help="reference | torch | onnx | onnx-qlinear | c")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        help="reference | torch | torch-int8 (int8 GEMMs, for CUDA) | onnx | onnx-qlinear | c",
+    )
     p.add_argument(
         "--limit", type=_at_least(1), default=None, help="evaluate N evenly spaced images only"
     )

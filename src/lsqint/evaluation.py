@@ -52,8 +52,8 @@ def integer_predictions(
     """(predicted labels, images/s) of an integer program over ``images``. Runtimes with a build
     step (torch, onnx) are built once, outside the timed loop."""
     compiled = None
-    if runtime == "torch":
-        compiled = CompiledProgram(program, device)
+    if runtime in ("torch", "torch-int8"):
+        compiled = CompiledProgram(program, device, int8_gemm=runtime == "torch-int8")
     elif runtime in ("onnx", "onnx-qlinear"):
         from .export.onnx_int import OnnxSession
 

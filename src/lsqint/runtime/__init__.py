@@ -54,6 +54,13 @@ def _torch(
     return compile_program(program, device, int8_gemm)(images)
 
 
+@register_runtime("torch-int8")
+def _torch_int8(program: IntProgram, images, device: str = "cpu", **_options) -> np.ndarray:
+    """The torch runtime with convolutions as int8 GEMMs (``int8_gemm=True``): CUDA's int8
+    tensor-core path; exact but slow on CPU (``torch._int_mm`` has no fast CPU kernel there)."""
+    return _torch(program, images, device, int8_gemm=True)
+
+
 @register_runtime("c")
 def _c(program: IntProgram, images, **_options) -> np.ndarray:
     from .c_runtime import compile_c
