@@ -13,9 +13,16 @@ def test_bench_functions_measure_every_variant():
     assert [r["variant"] for r in rows][:2] == ["float", "lsqint"]
     assert rows[0]["ratio_to_float"] == 1.0 and all(r["ms_per_step"] > 0 for r in rows)
     rows = int_inference(
-        "digits_cnn", batch=16, bits_list=(4,), rounds=1, reference_images=2, image_size=8
+        "digits_cnn",
+        batch=16,
+        bits_list=(4,),
+        rounds=1,
+        reference_images=2,
+        image_size=8,
+        int8_gemm=True,
     )
     assert rows[0]["torch_int_images_per_s"] > 0 and rows[0]["reference_images_per_s"] > 0
+    assert rows[0]["torch_int8_images_per_s"] > 0 and "int8-gemm" in rows[0]["torch_int8_paths"]
     assert "W4A4" in format_rows(rows)
 
 

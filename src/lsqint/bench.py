@@ -13,6 +13,7 @@ training.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import platform
@@ -191,8 +192,12 @@ def int_inference(
     rounds: int = 5,
     reference_images: int = 16,
     image_size: int = 32,
+    int8_gemm: bool | None = None,
 ) -> list[dict]:
+    """``int8_gemm`` (default: on CUDA) adds the torch runtime with int8 GEMM convolutions
+    (``torch-int8``) and, on CUDA, the float model in float16 (cuDNN's tensor-core peer)."""
     dev = torch.device(device)
+    int8_gemm = dev.type == "cuda" if int8_gemm is None else int8_gemm
     images = _images(model, batch, image_size)
     images_dev = images.to(dev)
     float_model = randomized_model(model, image_size).to(dev)
@@ -200,6 +205,14 @@ def int_inference(
     # the default layout so the integer runtime's own channels_last use is not mistaken for a win.
     float_cl = randomized_model(model, image_size).to(dev).to(memory_format=torch.channels_last)
     images_cl = images_dev.contiguous(memory_format=torch.channels_last)
+    if dev.type == "cuda":
+        half_cl = copy.deepcopy(float_cl).half()
+        images_half = images_cl.half()
+
+        def float16_run():
+            with torch.no_grad():
+                half_cl(images_half)
+
     rows = []
     for bits in bits_list:
         program = program_for(model, bits, images, image_size)
@@ -216,21 +229,31 @@ def int_inference(
         def int_run(compiled=compiled):
             compiled(images_dev)
 
-        float_run()
-        float_cl_run()
-        int_run()
-        times = interleaved_timings(
-            {"float32": float_run, "float32-cl": float_cl_run, "torch-int": int_run},
-            rounds,
-            1,
-            _sync(dev),
-        )
+        runs = {"float32": float_run, "float32-cl": float_cl_run, "torch-int": int_run}
+        if int8_gemm:
+            compiled_int8 = CompiledProgram(program, dev, int8_gemm=True)
+            runs["torch-int8"] = lambda c=compiled_int8: c(images_dev)
+        if dev.type == "cuda":
+            runs["float16-cl"] = float16_run
+        for fn in runs.values():
+            fn()  # warm-up: oneDNN/cuBLAS plans, CUDA context
+        times = interleaved_timings(runs, rounds, 1, _sync(dev))
         ref_batch = images[:reference_images].numpy()
         start = time.perf_counter()
         expected = run_reference(program, ref_batch)
         ref_s = (time.perf_counter() - start) / len(ref_batch)
         if not np.array_equal(compiled(ref_batch), expected):
             raise AssertionError("torch runtime differs from the reference")
+        extra = {}
+        if int8_gemm:
+            if not np.array_equal(compiled_int8(ref_batch), expected):
+                raise AssertionError("torch runtime (int8 GEMM) differs from the reference")
+            int8_ips = batch / times["torch-int8"]
+            extra["torch_int8_images_per_s"] = int8_ips
+            extra["torch_int8_ratio"] = int8_ips / (batch / times["float32"])
+            extra["torch_int8_paths"] = sorted(set(compiled_int8.paths.values()))
+        if "float16-cl" in times:
+            extra["float16_cl_images_per_s"] = batch / times["float16-cl"]
         float_ips, int_ips = batch / times["float32"], batch / times["torch-int"]
         float_cl_ips = batch / times["float32-cl"]
         rows.append(
@@ -244,6 +267,7 @@ def int_inference(
                 "reference_images_per_s": 1 / ref_s,
                 "reference_ratio": (1 / ref_s) / float_ips,
                 "paths": sorted(set(compiled.paths.values())),
+                **extra,
             }
         )
     return rows
