@@ -103,6 +103,19 @@ def test_cuda_runtime_equals_reference(name, bits):
         )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cuda_int8_gemm_equals_reference(name, bits):
+    """cuBLASLt's int8 GEMM (torch._int_mm) behind every ungrouped conv: == reference."""
+    config = QuantConfig(weight_bits=bits, act_bits=bits)
+    _, program, images = random_qat_program(name, config, seed=40 + bits, batch=8)
+    assert_runtimes_agree(
+        program, images.numpy(), runtimes=("torch-int8",), **{"torch-int8": {"device": "cuda"}}
+    )
+
+
 def test_runtime_registry_lists_reference_torch_and_c():
     assert {"reference", "torch", "c"} <= set(RUNTIMES)
 
