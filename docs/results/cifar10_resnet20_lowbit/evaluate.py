@@ -61,6 +61,17 @@ CANDIDATES = [
         RUNS / "chain01/cifar10_resnet20/w3a3",
         "KD, from W4A4 chain, lr 0.01, grad-clip 1, residual-bits 8, wd 5e-5",
     ),
+    # Session 6: longer steps of the chain: W3A3 6 epochs from the W4A4 chain, W2A2 10 from it.
+    (
+        "W3A3 chain 6ep",
+        RUNS / "s6/cifar10_resnet20/w3a3",
+        "KD, from W4A4 chain, lr 0.03, grad-clip 1, residual-bits 8, wd 5e-5",
+    ),
+    (
+        "W2A2 chain 10ep",
+        RUNS / "s6/cifar10_resnet20/w2a2",
+        "KD, from W3A3 chain 6ep, lr 0.03, grad-clip 1, residual-bits 8, wd 1e-4",
+    ),
 ]
 
 
