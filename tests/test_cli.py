@@ -129,6 +129,25 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert a["best_acc"] == b["best_acc"]
 
 
+def test_resume_with_other_optimizer_flags_is_refused_and_keeps_the_run(tmp_path):
+    """--resume with another --lr or --grad-clip would silently mix two runs (the optimizer
+    state keeps the old lr, the new clip applies): one-line error, last.pt untouched."""
+    args = [*DIGITS, "--image-size", "8", "-b", "32", "--lr", "0.05", "--log-dir", str(tmp_path)]
+    assert main(["train", *args, "-e", "1", "--grad-clip", "1"]) == 0
+    last = tmp_path / "digits_digits_cnn" / "float" / "last.pt"
+    before = last.read_bytes()
+    for flags, named in (
+        (["--lr", "0.1", "--grad-clip", "1"], "--lr"),
+        (["--lr", "0.05"], "--grad-clip"),
+    ):
+        r = lsqint("train", *args[:-4], *args[-2:], *flags, "-e", "2", "--resume")
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert f"{named} is" in r.stderr and "the run was trained with" in r.stderr
+        assert last.read_bytes() == before
+    assert main(["train", *args, "-e", "2", "--grad-clip", "1", "--resume"]) == 0
+    assert load_checkpoint(last)["epoch"] == 2
+
+
 def _kill_after_epoch(cmd: list[str], epoch: int) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:

@@ -168,8 +168,32 @@ class Trainer:
             "history": json.dumps(self.history),
         }
 
+    def _optimizer_flags(self) -> dict[str, float | None]:
+        """The flags that shape every optimizer step; a resumed run must keep them (``-e`` may
+        grow: resuming to more epochs is how a run is extended)."""
+        c = self.cfg
+        return {
+            "lr": c.lr,
+            "momentum": c.momentum,
+            "weight_decay": c.weight_decay,
+            "grad_clip": c.grad_clip,
+        }
+
+    def _check_resume_flags(self, saved: dict[str, Any], path: Path) -> None:
+        flags = {"lr": "--lr", "momentum": "--momentum", "weight_decay": "--wd"}
+        flags["grad_clip"] = "--grad-clip"
+        for key, now in self._optimizer_flags().items():
+            if key in saved and saved[key] != now:
+                raise TrainingError(
+                    f"--resume of {path}: {flags[key]} is {now} but the run was trained with "
+                    f"{saved[key]}; pass {flags[key]} {saved[key]} to continue it, or start a "
+                    "new run in another --log-dir"
+                )
+
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        # Checkpoints from before optimizer flags were recorded carry none: nothing to compare.
+        self._check_resume_flags(state["meta"].get("optimizer_flags", {}), path)
         self.epoch = int(state["epoch"])
         self._freeze_batchnorm()  # the checkpoint was saved after the freeze
         self.model.load_state_dict(state["model"])
@@ -192,6 +216,7 @@ class Trainer:
         else:
             self._refuse_to_replace_a_run()
             self.cfg.meta["run_id"] = uuid.uuid4().hex  # best.pt and its program carry it
+        self.cfg.meta["optimizer_flags"] = self._optimizer_flags()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.cfg.log_dir:
