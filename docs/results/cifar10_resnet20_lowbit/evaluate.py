@@ -72,6 +72,7 @@ CANDIDATES = [
         RUNS / "s6/cifar10_resnet20/w2a2",
         "KD, from W3A3 chain 6ep, lr 0.03, grad-clip 1, residual-bits 8, wd 1e-4",
     ),
+    ("W8A8 2ep", RUNS / "s6/cifar10_resnet20/w8a8", "KD, from float, lr 0.001"),
 ]
 
 

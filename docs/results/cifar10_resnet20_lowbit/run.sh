@@ -61,3 +61,5 @@ C=$R/chain/cifar10_resnet20
 S=$R/s6/cifar10_resnet20
 [ -f $S/w3a3/best.pt ] || qat -w 3 -a 3 -e 6 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 5e-5 --init $C/w4a4/best.pt --distill --teacher $FLOAT --log-dir $R/s6
 [ -f $S/w2a2/best.pt ] || qat -w 2 -a 2 -e 10 --lr 0.03 --grad-clip 1 --residual-bits 8 --wd 1e-4 --init $S/w3a3/best.pt --distill --teacher $FLOAT --log-dir $R/s6
+# Session 6, last: W8A8 as its best run (KD, from float, default lr 0.001 and wd), 2 epochs not 1.
+[ -f $S/w8a8/best.pt ] || qat -w 8 -a 8 -e 2 --init $FLOAT --distill --log-dir $R/s6
