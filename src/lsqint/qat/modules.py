@@ -17,9 +17,15 @@ from ..quant import LSQQuantizer
 
 
 def _bias_fake_quant(bias: Tensor, acc_scale: Tensor) -> Tensor:
-    """round(bias / acc_scale) * acc_scale with a straight-through gradient for the bias."""
+    """round(bias / acc_scale) * acc_scale with a straight-through gradient for the bias.
+
+    The integer bias is computed in float32 whatever the model's dtype, as ``convert`` computes
+    it: a float64 copy of the model (the exact-arithmetic evaluation) would otherwise round a
+    quotient within float32's error of a half (46196.5028 in float64, below .5 in float32) to the
+    other integer and differ from the deployed program by one accumulator unit."""
     acc_scale = acc_scale.detach()
-    bias_fq = (bias / acc_scale).round() * acc_scale
+    bias_q = (bias.float() / acc_scale.float()).round().to(bias.dtype)
+    bias_fq = bias_q * acc_scale
     return bias + (bias_fq - bias).detach()
 
 
