@@ -217,3 +217,19 @@ def test_fake_quant_error_is_at_most_half_a_step_inside_the_range(bits, signed, 
     inside = (x >= qmin * s) & (x <= qmax * s)
     assert ((out - x).abs()[inside] <= s / 2 * (1 + 1e-9)).all()
     assert (out[x > qmax * s] == qmax * s).all() and (out[x < qmin * s] == qmin * s).all()
+
+
+def test_bias_fake_quant_of_a_float64_copy_rounds_like_convert():
+    """The float64 evaluation copy of a QAT model must fake-quantize each bias to the integer that
+    ``convert`` stores (round in float32), also where the float64 quotient lies within float32's
+    error of a half; large quotients (1e4-1e6 accumulator units) make such cases common."""
+    from lsqint.qat.modules import _bias_fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    acc_scale = (torch.rand(20000, generator=g) * 1e-5 + 1e-7).float()
+    bias = ((torch.rand(20000, generator=g) - 0.5) * 2.0 * acc_scale * 1e6).float()
+    stored = torch.round(bias / acc_scale)  # convert's arithmetic (float32)
+    q64 = _bias_fake_quant(bias.double(), acc_scale.double()) / acc_scale.double()
+    assert torch.equal(torch.round(q64), stored.double())
+    q32 = _bias_fake_quant(bias, acc_scale) / acc_scale
+    assert torch.equal(torch.round(q32), stored)
