@@ -180,8 +180,12 @@ class Trainer:
         }
 
     def _check_resume_flags(self, saved: dict[str, Any], path: Path) -> None:
-        flags = {"lr": "--lr", "momentum": "--momentum", "weight_decay": "--wd"}
-        flags["grad_clip"] = "--grad-clip"
+        flags = {
+            "lr": "--lr",
+            "momentum": "--momentum",
+            "weight_decay": "--wd",
+            "grad_clip": "--grad-clip",
+        }
         for key, now in self._optimizer_flags().items():
             if key in saved and saved[key] != now:
                 raise TrainingError(
