@@ -22,12 +22,11 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, dig
         return real_train_qat(args, *rest)
 
     monkeypatch.setattr(sweep_module, "train_qat", flaky_train_qat)
-    pairs = parse_pairs("4,4 3,2")
+    pairs = parse_pairs("4,4 3,3")
     kwargs = dict(
         float_epochs=0,
-        qat_epochs=2,
+        qat_overrides=dict(epochs=2, lr=0.01),
         float_lr=0.05,
-        qat_lr=0.01,
         out=tmp_path,
         float_checkpoint=digits_runs["float"]["checkpoint"],
         progressive=True,
@@ -37,9 +36,9 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, dig
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["pair"] for r in saved["rows"]] == ["W4A4"]
     rows = sweep(ARGS, pairs, **kwargs)
-    assert calls == [(4, 4), (3, 2), (3, 2)]  # W4A4 was not trained again
-    assert [r["pair"] for r in rows] == ["W4A4", "W3A2"]
-    # progressive: W3A2 started from W4A4's QAT checkpoint, W4A4 from the float model
+    assert calls == [(4, 4), (3, 3), (3, 3)]  # W4A4 was not trained again
+    assert [r["pair"] for r in rows] == ["W4A4", "W3A3"]
+    # progressive: W3A3 started from W4A4's QAT checkpoint, W4A4 from the float model
     assert rows[0]["init"] == digits_runs["float"]["checkpoint"]
     assert rows[1]["init"].endswith("w4a4/best.pt")
     assert rows[0] == saved["rows"][0]
@@ -47,7 +46,11 @@ def test_sweep_resumes_without_redoing_finished_pairs(tmp_path, monkeypatch, dig
         assert 0.5 < r["int_acc"] <= 1 and r["agreement"] >= 0.99
         assert r["artifact_bytes"] < r["float_bytes"]
     table = (tmp_path / "sweep.md").read_text()
-    assert "| W4A4 |" in table and "| W3A2 |" in table
+    assert "| W4A4 |" in table and "| W3A3 |" in table
+    # the recipe for 3 bits with the overrides on top
+    assert rows[1]["qat_recipe"] == dict(
+        epochs=2, lr=0.01, weight_decay=5e-5, grad_clip=1.0, residual_bits=8
+    )
 
 
 def test_plot_is_a_png_with_the_expected_series(tmp_path):

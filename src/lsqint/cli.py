@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -35,7 +36,27 @@ def _at_least(lowest: int | float, kind=int):
     return parse
 
 
-def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
+class _FromRecipe:
+    """Default of the flags that `lsqint qat` and `lsqint sweep` take from the QAT recipe
+    (lsqint.qat.recipe) when the command line does not give them. Not a string: argparse would
+    pass a string default through the flag's type."""
+
+    def __repr__(self) -> str:
+        return "the recipe's"
+
+
+FROM_RECIPE = _FromRecipe()
+
+
+def _common(
+    p: argparse.ArgumentParser,
+    lr: float | str,
+    epochs: int | str,
+    weight_decay: float | str = 5e-4,
+    recipe: bool = False,
+) -> None:
+    """The flags every training command takes; ``recipe``: --grad-clip defaults to the QAT
+    recipe's (FROM_RECIPE)."""
     p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
     p.add_argument(
         "--dataset",
@@ -49,12 +70,13 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("-tb", "--test-batch-size", type=_at_least(1), default=256)
     p.add_argument("--lr", type=_at_least(0.0, float), default=lr)
     p.add_argument("--momentum", type=_at_least(0.0, float), default=0.9)
-    p.add_argument("--weight-decay", "--wd", type=_at_least(0.0, float), default=5e-4)
+    p.add_argument("--weight-decay", "--wd", type=_at_least(0.0, float), default=weight_decay)
     p.add_argument(
         "--grad-clip",
         type=lambda s: None if s.lower() == "none" else _at_least(1e-12, float)(s),
-        default=None,
-        help="clip the gradients' total L2 norm to this before each step ('none': no clipping)",
+        default=FROM_RECIPE if recipe else None,
+        help="clip the gradients' total L2 norm to this before each step ('none': no clipping)"
+        + ("; default: the QAT recipe's" if recipe else ""),
     )
     p.add_argument(
         "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
@@ -75,8 +97,9 @@ def _common(p: argparse.ArgumentParser, lr: float, epochs: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
-def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
-    """-w/-a (unless ``bits`` is False: the sweep takes pairs), weight layout, first/last bits."""
+def _quant_flags(p: argparse.ArgumentParser, bits: bool = True, recipe: bool = False) -> None:
+    """-w/-a (unless ``bits`` is False: the sweep takes pairs), weight layout, first/last bits;
+    ``recipe``: --residual-bits defaults to the QAT recipe's."""
     if bits:
         p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
         p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
@@ -92,9 +115,10 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
     p.add_argument(
         "--residual-bits",
         type=lambda s: None if s.lower() == "none" else int(s),
-        default=None,
+        default=FROM_RECIPE if recipe else None,
         help="bits of the residual stream: what residual adds read (convs read it "
-        "requantized to the activation bits; 'none' = the activation bits)",
+        "requantized to the activation bits; 'none' = the activation bits)"
+        + ("; default: the QAT recipe's" if recipe else ""),
     )
     p.add_argument(
         "--scale-init",
@@ -114,7 +138,11 @@ def _quant_flags(p: argparse.ArgumentParser, bits: bool = True) -> None:
 
 def _distill_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--distill", action="store_true", help="knowledge distillation from a float teacher"
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="knowledge distillation from a float teacher (default: on when a float teacher "
+        "is found: --teacher, the float --init, or this model's float run)",
     )
     p.add_argument("--distill-t", type=float, default=4.0, help="distillation temperature")
     p.add_argument(
@@ -136,11 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, lr=0.1, epochs=200)
     p.add_argument("--init", default=None, help="start from this float checkpoint")
 
-    p = sub.add_parser("qat", help="LSQ quantization-aware training (seed: q_main.py)")
-    # BN is folded before QAT, so nothing renormalizes the weights: 0.01 diverged on CIFAR-10
-    # resnet20 W4A4 (loss 0.77 -> 16 in three steps) where 0.001 trains smoothly.
-    _common(p, lr=0.001, epochs=60)
-    _quant_flags(p)
+    p = sub.add_parser(
+        "qat",
+        help="LSQ quantization-aware training (seed: q_main.py); -e, --lr, --wd, --grad-clip "
+        "and --residual-bits default to the QAT recipe for the bits (lsqint.qat.recipe)",
+    )
+    _common(p, lr=FROM_RECIPE, epochs=FROM_RECIPE, weight_decay=FROM_RECIPE, recipe=True)
+    _quant_flags(p, recipe=True)
     _distill_flags(p)
     p.add_argument(
         "--init",
@@ -174,11 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results here")
 
     p = sub.add_parser("sweep", help="float baseline + QAT at several W/A pairs, one report")
-    _common(p, lr=0.1, epochs=0)
+    _common(p, lr=0.1, epochs=0, recipe=True)  # --lr, --wd: the float baseline's
     p.add_argument("--pairs", default="8,8 4,4 3,3 2,2 4,6 6,4", help="W,A pairs")
     p.add_argument("--float-epochs", type=_at_least(1), default=200)
-    p.add_argument("--qat-epochs", type=_at_least(1), default=60)
-    p.add_argument("--qat-lr", type=float, default=0.001)
+    p.add_argument(
+        "--qat-epochs", type=_at_least(1), default=FROM_RECIPE, help="default: the recipe's"
+    )
+    p.add_argument(
+        "--qat-lr", type=_at_least(0.0, float), default=FROM_RECIPE, help="default: the recipe's"
+    )
+    p.add_argument(
+        "--qat-wd", type=_at_least(0.0, float), default=FROM_RECIPE, help="default: the recipe's"
+    )
     p.add_argument("--float-init", default=None, help="use this float checkpoint as the baseline")
     p.add_argument("--out", default="sweep", help="folder for runs, sweep.json/.md/.png")
     p.add_argument("--runtime", default="torch", help="runtime for the integer top-1")
@@ -187,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--progressive",
-        action="store_true",
-        help="start each pair from the previous pair's QAT checkpoint when it has more bits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start a pair from a finished pair at most one bit above it on each side "
+        "(W4A4 -> W3A3 -> W2A2), else from the float model",
     )
-    _quant_flags(p, bits=False)
+    _quant_flags(p, bits=False, recipe=True)
     _distill_flags(p)
 
     p = sub.add_parser("bench", help="speed ratios side by side in one run, as JSON")
@@ -239,7 +278,28 @@ def _run_args(ns: argparse.Namespace):
 
         values["cuda"] = 0 if torch.cuda.is_available() else -1
     values["progress"] = not ns.no_progress
+    if ns.command == "qat":
+        values.update(dataclasses.asdict(_qat_recipe(ns)))
+    elif ns.command == "sweep":  # the float baseline's; each pair's QAT takes the recipe's
+        for key in ("grad_clip", "residual_bits"):
+            values[key] = None if values[key] is FROM_RECIPE else values[key]
     return RunArgs(**values)
+
+
+def _recipe_overrides(ns: argparse.Namespace) -> dict:
+    """The recipe fields the command line gave (the rest keep FROM_RECIPE)."""
+    from .qat.recipe import RECIPE_FIELDS
+
+    given = {k: getattr(ns, k) for k in RECIPE_FIELDS}
+    if ns.command == "sweep":  # -e, --lr and --wd are the float baseline's there
+        given.update(epochs=ns.qat_epochs, lr=ns.qat_lr, weight_decay=ns.qat_wd)
+    return {k: v for k, v in given.items() if v is not FROM_RECIPE}
+
+
+def _qat_recipe(ns: argparse.Namespace):
+    from .qat.recipe import recipe_for
+
+    return recipe_for(ns.w_num_bits, ns.a_num_bits).override(**_recipe_overrides(ns))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,9 +352,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
             _run_args(ns),
             parse_pairs(ns.pairs),
             ns.float_epochs,
-            ns.qat_epochs,
+            _recipe_overrides(ns),
             ns.lr,
-            ns.qat_lr,
             Path(ns.out),
             ns.float_init,
             ns.runtime,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from .data import load_data
 from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels
 from .intprog.artifact import load
+from .qat.recipe import progressive_source, recipe_for
 from .runs import PROGRAM_FILE, load_qat_model, qat_dir_name, run_dir
 from .workflow import RunArgs, default_float_checkpoint, train_float, train_qat
 
@@ -35,18 +36,20 @@ def sweep(
     args: RunArgs,
     pairs: list[tuple[int, int]],
     float_epochs: int,
-    qat_epochs: int,
+    qat_overrides: dict[str, Any],
     float_lr: float,
-    qat_lr: float,
     out: Path,
     float_checkpoint: str | None = None,
     runtime: str = "torch",
     reevaluate: bool = False,
-    progressive: bool = False,
+    progressive: bool = True,
 ) -> list[dict[str, Any]]:
-    """``progressive``: a pair starts from the QAT checkpoint of the pair before it in ``pairs``
-    when that one has at least as many weight and activation bits (32 -> 4 -> 3 -> 2), else from
-    the float model; distillation (``args.distill``) always uses the float model as teacher."""
+    """Each pair's QAT takes the recipe for its bits (``lsqint.qat.recipe``) with
+    ``qat_overrides`` (RunArgs names: epochs, lr, weight_decay, grad_clip, residual_bits) on top.
+    ``progressive``: a pair starts from the QAT checkpoint of a pair finished earlier in
+    ``pairs`` at most one bit above it on each side (``progressive_source``), else from the
+    float model. Distillation (``args.distill``: None = on) always uses the float model as
+    teacher."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "sweep.json"
     state = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -69,20 +72,13 @@ def sweep(
         float_checkpoint=str(ckpt),
         float_acc=float_acc,
     )
-    previous = None
+    finished: list[tuple[int, int]] = []
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
-        init = ckpt
-        if progressive and previous is not None and previous[0] >= w_bits and previous[1] >= a_bits:
-            init = previous[2]
-        previous = (
-            w_bits,
-            a_bits,
-            run_dir(base.log_dir, args.dataset, args.model)
-            / qat_dir_name(w_bits, a_bits)
-            / "best.pt",
-        )
-        qat_dir = run_dir(base.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
+        source = progressive_source((w_bits, a_bits), finished) if progressive else None
+        init = ckpt if source is None else _qat_dir(base, *source) / "best.pt"
+        finished.append((w_bits, a_bits))
+        qat_dir = _qat_dir(base, w_bits, a_bits)
         if key in rows:
             if reevaluate:
                 print(f"[sweep] {key}: done earlier, evaluated again")
@@ -100,16 +96,17 @@ def sweep(
                 print(f"[sweep] {key}: done earlier, kept")
             continue
         resume = (qat_dir / "last.pt").is_file()
-        print(f"[sweep] {key}: QAT {qat_epochs} epochs" + (" (resuming)" if resume else ""))
+        recipe = recipe_for(w_bits, a_bits).override(**qat_overrides)
+        print(f"[sweep] {key}: QAT" + (" (resuming)" if resume else ""))
         started = time.time()
         result = train_qat(
             replace(
                 base,
-                epochs=qat_epochs,
-                lr=qat_lr,
+                **asdict(recipe),
                 w_num_bits=w_bits,
                 a_num_bits=a_bits,
                 init=str(init),
+                distill=args.distill is not False,
                 teacher=args.teacher or str(ckpt),
                 resume=resume,
             )
@@ -127,10 +124,11 @@ def sweep(
                 runtime,
                 float_acc,
             ),
-            "qat_epochs": qat_epochs,
+            "qat_epochs": recipe.epochs,
+            "qat_recipe": asdict(recipe),
             "qat_train_s": train_s,
             "init": str(init),
-            "distill": bool(args.distill),
+            "distill": args.distill is not False,
         }
         state["rows"] = list(rows.values())
         _write(results_path, state)  # after every pair: an interruption loses at most one
@@ -141,6 +139,10 @@ def sweep(
     plot(ordered, out / "sweep.png", f"{args.model} on {args.dataset}")
     print(markdown_table(ordered, args.model, args.dataset, len(labels)))
     return ordered
+
+
+def _qat_dir(args, w_bits: int, a_bits: int) -> Path:
+    return run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
 
 
 def _evaluate(

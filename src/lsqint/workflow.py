@@ -68,7 +68,7 @@ class RunArgs:
     residual_bits: int | None = None
     scale_init: str = "mse"
     bn_aware_epochs: int = 0
-    distill: bool = False
+    distill: bool | None = False  # None: on when a float teacher is found (the CLI default)
     distill_t: float = 4.0
     distill_alpha: float = 0.5
     teacher: str | None = None
@@ -205,7 +205,16 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         meta["bn_aware_epochs"] = args.bn_aware_epochs
     float_model = build_float_model(meta)
     init = Path(args.init) if args.init else default_float_checkpoint(args)
-    init_state = None if args.resume and not args.distill else load_checkpoint(init)
+    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(
+        args.w_num_bits, args.a_num_bits
+    )
+    # A resumed run distills as it did, from the teacher it had (unless the flags say otherwise).
+    last = out / "last.pt"
+    saved = load_checkpoint(last)["meta"].get("distill") if args.resume and last.is_file() else None
+    distill = args.distill  # None: on when a float teacher is found
+    if distill is None and args.resume:
+        distill = saved is not None
+    init_state = None if args.resume else load_checkpoint(init)
     qat_init = init_state is not None and init_state["meta"].get("kind") == "qat"
     if not args.resume and not qat_init:
         load_weights(float_model, _float_weights(init, args, init_state), init)
@@ -232,10 +241,16 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         )
         calibrate_(model, first_images)  # activation step sizes; averaged over ranks
     criterion = None
-    if args.distill:
-        teacher_path = Path(args.teacher) if args.teacher else None
-        if teacher_path is None:
-            teacher_path = default_float_checkpoint(args) if qat_init or args.resume else init
+    teacher_path = Path(args.teacher) if args.teacher else None
+    if teacher_path is None and saved is not None:
+        teacher_path = Path(saved["teacher"])
+    if teacher_path is None:
+        teacher_path = default_float_checkpoint(args) if qat_init or args.resume else init
+    if distill is None:
+        distill = teacher_path.is_file()
+        if not distill:
+            print(f"[qat] no float teacher at {teacher_path}: no distillation (see --teacher)")
+    if distill:
         teacher = build_float_model(meta)
         same = init_state if teacher_path == init else None  # the float --init: loaded already
         load_weights(teacher, _float_weights(teacher_path, args, same), teacher_path)
@@ -248,9 +263,14 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         }
     if not args.resume:
         meta["init"] = str(init)
-    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(
-        args.w_num_bits, args.a_num_bits
-    )
+    if dist.is_main:  # what the recipe and the flags made of this run
+        clip = "none" if args.grad_clip is None else f"{args.grad_clip:g}"
+        print(
+            f"[qat] W{args.w_num_bits}A{args.a_num_bits} from {init}: {args.epochs} epochs, "
+            f"lr {args.lr:g}, wd {args.weight_decay:g}, grad clip {clip}, residual stream "
+            f"{args.residual_bits or args.a_num_bits} bits, distillation "
+            + (f"from {teacher_path}" if distill else "off")
+        )
     on_best = _save_program if args.save_program else None
     result = Trainer(
         model,
