@@ -7,7 +7,10 @@ FLOAT=../shared/models/cifar10_resnet20_float.pt
 COMMON=(--model resnet20 --dataset cifar10 --data-root ../shared/data/cifar10 --cuda -1
         -b 128 -tb 500 --no-progress --workers 1)
 R=runs/lowbit
-qat() { lsqint qat "${COMMON[@]}" "$@"; }
+# The defaults of lsqint qat when these runs were made (before the recipe became the defaults);
+# each line's own flags come after them and win.
+OLD_DEFAULTS=(--lr 0.001 --wd 5e-4 --grad-clip none --residual-bits none --no-distill)
+qat() { lsqint qat "${COMMON[@]}" "${OLD_DEFAULTS[@]}" "$@"; }
 
 # Ablation at W2A2: the step-size fix alone (the paper's init collapses: 10.72 % in README).
 [ -f $R/abl_fix/cifar10_resnet20/w2a2/best.pt ] || qat -w 2 -a 2 -e 2 --init $FLOAT --log-dir $R/abl_fix
