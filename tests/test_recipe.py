@@ -22,8 +22,8 @@ def _parsed(*argv):
         ((4, 4), (3, 0.01, 5e-5, 1.0, 8)),
         ((3, 3), (6, 0.03, 5e-5, 1.0, 8)),
         ((4, 3), (6, 0.03, 5e-5, 1.0, 8)),
-        ((2, 2), (10, 0.03, 1e-4, 1.0, 8)),
-        ((8, 2), (10, 0.03, 1e-4, 1.0, 8)),
+        ((2, 2), (15, 0.03, 1e-4, 1.0, 8)),
+        ((8, 2), (15, 0.03, 1e-4, 1.0, 8)),
     ],
 )
 def test_qat_takes_the_recipe_for_its_bits(bits, expected):
@@ -40,7 +40,7 @@ def test_flags_given_override_the_recipe_and_none_is_kept():
         "qat", "-w", "2", "-a", "2", "--lr", "0.05", "--grad-clip", "none", "--no-distill"
     )
     assert (args.lr, args.grad_clip, args.distill) == (0.05, None, False)
-    assert (args.epochs, args.weight_decay, args.residual_bits) == (10, 1e-4, 8)  # the recipe's
+    assert (args.epochs, args.weight_decay, args.residual_bits) == (15, 1e-4, 8)  # the recipe's
     _, args = _parsed(
         "qat", "-w", "2", "-a", "2", "-e", "1", "--wd", "0", "--residual-bits", "none"
     )

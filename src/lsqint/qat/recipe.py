@@ -35,7 +35,9 @@ _FOUR = Recipe(epochs=3, lr=0.01, weight_decay=5e-5, grad_clip=1.0, residual_bit
 # 3 bits: the gap to float closed with length (3 epochs: 86.14 %, 6: 86.80 %), not with the lr.
 _THREE = Recipe(epochs=6, lr=0.03, weight_decay=5e-5, grad_clip=1.0, residual_bits=8)
 # 2 bits: the collapse fix (clip 1, 8-bit residual stream) and the LSQ paper's 2-bit wd 1e-4.
-_TWO = Recipe(epochs=10, lr=0.03, weight_decay=1e-4, grad_clip=1.0, residual_bits=8)
+# 10 epochs met the target once (84.60 %) and missed it once by 3 images (84.50 %): the issue's
+# full budget of 15.
+_TWO = Recipe(epochs=15, lr=0.03, weight_decay=1e-4, grad_clip=1.0, residual_bits=8)
 
 # The fields a user may override from the command line, under their RunArgs names.
 RECIPE_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "residual_bits")
