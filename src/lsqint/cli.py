@@ -50,9 +50,9 @@ FROM_RECIPE = _FromRecipe()
 
 def _common(
     p: argparse.ArgumentParser,
-    lr: float | str,
-    epochs: int | str,
-    weight_decay: float | str = 5e-4,
+    lr: float | _FromRecipe,
+    epochs: int | _FromRecipe,
+    weight_decay: float | _FromRecipe = 5e-4,
     recipe: bool = False,
 ) -> None:
     """The flags every training command takes; ``recipe``: --grad-clip defaults to the QAT
