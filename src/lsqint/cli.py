@@ -299,7 +299,7 @@ def _recipe_overrides(ns: argparse.Namespace) -> dict:
 def _qat_recipe(ns: argparse.Namespace):
     from .qat.recipe import recipe_for
 
-    return recipe_for(ns.w_num_bits, ns.a_num_bits).override(**_recipe_overrides(ns))
+    return dataclasses.replace(recipe_for(ns.w_num_bits, ns.a_num_bits), **_recipe_overrides(ns))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .data import load_data
 from .evaluation import artifact_sizes, compare, images_and_labels, write_json
 from .intprog.artifact import load
-from .runs import PROGRAM_FILE, load_qat_model, qat_dir_name, run_dir
+from .runs import PROGRAM_FILE, load_qat_model, qat_run_dir
 from .train import CheckpointError
 from .workflow import RunArgs
 
@@ -38,11 +38,7 @@ def infer(
     json_path: str | None,
 ) -> int:
     if program_path is None:
-        program_path = str(
-            run_dir(args.log_dir, args.dataset, args.model)
-            / qat_dir_name(args.w_num_bits, args.a_num_bits)
-            / PROGRAM_FILE
-        )
+        program_path = str(qat_run_dir(args, args.w_num_bits, args.a_num_bits) / PROGRAM_FILE)
     path = Path(program_path)
     program = load(path)
     ckpt = Path(checkpoint) if checkpoint else path.parent / "best.pt"

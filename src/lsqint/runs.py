@@ -27,6 +27,11 @@ def qat_dir_name(w_bits: int, a_bits: int) -> str:
     return f"w{w_bits}a{a_bits}"
 
 
+def qat_run_dir(args, w_bits: int, a_bits: int) -> Path:
+    """The folder of one QAT run of ``args``' model and dataset (RunArgs or its namespace)."""
+    return run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
+
+
 def model_meta(
     model: str,
     data: Data,

@@ -15,7 +15,7 @@ from .data import load_data
 from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels
 from .intprog.artifact import load
 from .qat.recipe import progressive_source, recipe_for
-from .runs import PROGRAM_FILE, load_qat_model, qat_dir_name, run_dir
+from .runs import PROGRAM_FILE, load_qat_model, qat_run_dir
 from .workflow import RunArgs, default_float_checkpoint, train_float, train_qat
 
 DEFAULT_PAIRS = "8,8 4,4 3,3 2,2 4,6 6,4"
@@ -72,13 +72,14 @@ def sweep(
         float_checkpoint=str(ckpt),
         float_acc=float_acc,
     )
+    distill = args.distill is not False  # None (the CLI default): on; the float model teaches
     finished: list[tuple[int, int]] = []
     for w_bits, a_bits in pairs:
         key = f"W{w_bits}A{a_bits}"
         source = progressive_source((w_bits, a_bits), finished) if progressive else None
-        init = ckpt if source is None else _qat_dir(base, *source) / "best.pt"
+        init = ckpt if source is None else qat_run_dir(base, *source) / "best.pt"
         finished.append((w_bits, a_bits))
-        qat_dir = _qat_dir(base, w_bits, a_bits)
+        qat_dir = qat_run_dir(base, w_bits, a_bits)
         if key in rows:
             if reevaluate:
                 print(f"[sweep] {key}: done earlier, evaluated again")
@@ -96,7 +97,7 @@ def sweep(
                 print(f"[sweep] {key}: done earlier, kept")
             continue
         resume = (qat_dir / "last.pt").is_file()
-        recipe = recipe_for(w_bits, a_bits).override(**qat_overrides)
+        recipe = replace(recipe_for(w_bits, a_bits), **qat_overrides)
         print(f"[sweep] {key}: QAT" + (" (resuming)" if resume else ""))
         started = time.time()
         result = train_qat(
@@ -106,7 +107,7 @@ def sweep(
                 w_num_bits=w_bits,
                 a_num_bits=a_bits,
                 init=str(init),
-                distill=args.distill is not False,
+                distill=distill,
                 teacher=args.teacher or str(ckpt),
                 resume=resume,
             )
@@ -128,7 +129,7 @@ def sweep(
             "qat_recipe": asdict(recipe),
             "qat_train_s": train_s,
             "init": str(init),
-            "distill": args.distill is not False,
+            "distill": distill,
         }
         state["rows"] = list(rows.values())
         _write(results_path, state)  # after every pair: an interruption loses at most one
@@ -139,10 +140,6 @@ def sweep(
     plot(ordered, out / "sweep.png", f"{args.model} on {args.dataset}")
     print(markdown_table(ordered, args.model, args.dataset, len(labels)))
     return ordered
-
-
-def _qat_dir(args, w_bits: int, a_bits: int) -> Path:
-    return run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(w_bits, a_bits)
 
 
 def _evaluate(

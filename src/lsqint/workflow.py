@@ -24,7 +24,7 @@ from .runs import (
     holds_batchnorm,
     load_weights,
     model_meta,
-    qat_dir_name,
+    qat_run_dir,
     run_dir,
 )
 from .train import (
@@ -205,9 +205,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
         meta["bn_aware_epochs"] = args.bn_aware_epochs
     float_model = build_float_model(meta)
     init = Path(args.init) if args.init else default_float_checkpoint(args)
-    out = run_dir(args.log_dir, args.dataset, args.model) / qat_dir_name(
-        args.w_num_bits, args.a_num_bits
-    )
+    out = qat_run_dir(args, args.w_num_bits, args.a_num_bits)
     # A resumed run distills as it did, from the teacher it had (unless the flags say otherwise).
     last = out / "last.pt"
     saved = load_checkpoint(last)["meta"].get("distill") if args.resume and last.is_file() else None
