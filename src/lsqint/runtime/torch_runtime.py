@@ -32,6 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
+from . import native
 from .exact_float import add_plans, affine_step_plan, channel_plans
 
 F32_EXACT = 1 << 24
@@ -96,11 +97,20 @@ class CompiledProgram:
     """A program with its parameters moved to ``device`` once, ready to run many batches."""
 
     def __init__(
-        self, program: IntProgram, device: str | torch.device = "cpu", int8_gemm: bool = False
+        self,
+        program: IntProgram,
+        device: str | torch.device = "cpu",
+        int8_gemm: bool = False,
+        cpu_kernels: bool = True,
     ) -> None:
         self.program = program
         self.device = torch.device(device)
         self.int8_gemm = int8_gemm
+        # The CPU fast path (runtime/native.py): oneDNN int8 convolutions where the CPU has VNNI,
+        # C kernels for requantize and add where a C compiler exists.
+        on_cpu = self.device.type == "cpu" and cpu_kernels
+        self.kernels = native.kernels() if on_cpu and not int8_gemm else None
+        self.onednn = on_cpu and not int8_gemm and native.onednn_int8_available()
         self.producer = {n.output: n for n in program.nodes}
         self.readers: dict[str, int] = {}
         for n in program.nodes:
@@ -133,6 +143,10 @@ class CompiledProgram:
             if gemm is not None:
                 self.paths[node.name] = "int8-gemm"
                 return gemm
+            conv = self._build_onednn_conv(node) if self.onednn else None
+            if conv is not None:
+                self.paths[node.name] = "onednn-int8"
+                return conv
             dtype = _float_dtype(a["acc_bound"], dev)
             self.paths[node.name] = str(dtype).replace("torch.", "")
             weight = self._param(node, "weight", dtype)
@@ -176,7 +190,12 @@ class CompiledProgram:
             def run_maxpool(x):
                 # Max over codes is exact in float; F.max_pool2d pads with -inf (never wins).
                 return F.max_pool2d(
-                    x, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+                    x.to(torch.float32),
+                    a["kernel"],
+                    a["stride"],
+                    a["padding"],
+                    a["dilation"],
+                    a["ceil_mode"],
                 )
 
             return run_maxpool
@@ -307,6 +326,92 @@ class CompiledProgram:
 
         return run_conv_int8
 
+    def _build_onednn_conv(self, node: Node) -> Callable | None:
+        """conv2d as oneDNN's u8 x s8 -> int32 convolution with a float32 output (see
+        runtime/native.py for why it is exact), or None where the codes do not fit uint8 (after
+        a +128 zero point for signed codes) or the weights int8, a value could reach 2^24 or
+        leave int32, or the layer fails its probe."""
+        a = node.attrs
+        if node.op != "conv2d":
+            return None
+        spec = self.program.tensors[node.inputs[0]]
+        if 0 <= spec.qmin and spec.qmax <= 255:
+            zp = 0
+        elif -128 <= spec.qmin and spec.qmax <= 127:
+            zp = 128  # x + 128 as uint8, with oneDNN's zero point 128: sum((x + 128 - 128) w)
+        else:
+            return None
+        weight = np.asarray(node.params["weight"], np.int64)
+        bias = np.asarray(node.params["bias"], np.int64)
+        w_abs = np.abs(weight).reshape(weight.shape[0], -1).sum(axis=1)
+        # oneDNN sums the stored uint8 values (up to 255) and subtracts zp * sum(w) in int32.
+        stored = 255 * w_abs + zp * np.abs(weight.reshape(weight.shape[0], -1).sum(axis=1))
+        if (
+            weight.size == 0
+            or weight.min() < -128
+            or weight.max() > 127
+            or int(a["acc_bound"]) >= F32_EXACT
+            or int((stored + np.abs(bias)).max()) >= INT32_LIMIT
+        ):
+            return None
+        stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+        out_ch = weight.shape[0]
+        ones = torch.ones(out_ch, dtype=torch.float32)
+        zeros = torch.zeros(out_ch, dtype=torch.int64)
+        bias_f = torch.as_tensor(bias, dtype=torch.float32)
+        try:
+            packed = torch.ops.onednn.qconv_prepack(
+                torch.as_tensor(weight, dtype=torch.int8),
+                ones,
+                1.0,
+                zp,
+                stride,
+                padding,
+                dilation,
+                groups,
+                None,
+            )
+        except RuntimeError:
+            return None
+
+        def run_conv_onednn(x):
+            if x.dtype != torch.uint8:
+                x = (x + zp).to(torch.uint8) if zp else x.to(torch.uint8)
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.ops.onednn.qconv2d_pointwise(
+                x, 1.0, zp, packed, ones, zeros, bias_f, stride, padding, dilation, groups,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+
+        return run_conv_onednn if self._probe_conv(node, run_conv_onednn) else None
+
+    def _probe_conv(self, node: Node, conv: Callable) -> bool:
+        """Does ``conv`` give the exact accumulators on this layer? Checked against the float64
+        convolution (exact: bounds below 2^53) on random codes, the two constant extremes, and
+        for each output channel (up to 64) the input that drives it to its largest value."""
+        a = node.attrs
+        spec = self.program.tensors[node.inputs[0]]
+        c, h, w = spec.shape
+        g = torch.Generator().manual_seed(0)
+        x = [torch.randint(spec.qmin, spec.qmax + 1, (2, c, h, w), generator=g)]
+        x += [torch.full((1, c, h, w), spec.qmin), torch.full((1, c, h, w), spec.qmax)]
+        weight = torch.as_tensor(np.asarray(node.params["weight"], np.int64))
+        if a["groups"] == 1:
+            # Channel o's largest sum: qmax where its weight (summed over the kernel) is >= 0.
+            sign = weight[:64].sum(dim=(2, 3))[:, :, None, None] >= 0
+            x.append(torch.where(sign, spec.qmax, spec.qmin).expand(-1, c, h, w))
+        x = torch.cat(x).to(torch.float32)
+        bias = torch.as_tensor(np.asarray(node.params["bias"], np.int64)).to(torch.float64)
+        exact = F.conv2d(
+            x.to(torch.float64), weight.to(torch.float64), bias,
+            a["stride"], a["padding"], a["dilation"], a["groups"],
+        )  # fmt: skip
+        try:
+            got = conv(x)
+        except RuntimeError:
+            return False
+        return got.dtype == torch.float32 and torch.equal(got.to(torch.float64), exact)
+
     def _affine_plans(self, node, ms, bs, ts, lo, hi, x_min, x_max, ndim):
         """Per-channel (M, C) tensors and their dtype for the first float dtype proven exact."""
         plan = channel_plans(ms, bs, ts, lo, hi, x_min, x_max)
@@ -351,6 +456,15 @@ class CompiledProgram:
         m, t = node.params["m"], node.params["t"]
         ndim = len(self.program.tensors[node.inputs[0]].shape) + 1
         bound = self._acc_bound(node.inputs[0])
+        # Codes leave as uint8 or float32, exact below 2^24 (logits may need int64).
+        if self.kernels is not None and bound < F32_EXACT and max(-lo, hi) < F32_EXACT:
+            # Per-channel parameters, or one value for every channel.
+            channels = self.program.tensors[node.inputs[0]].shape[0]
+            ms, ts = (np.broadcast_to(np.asarray(v, np.int64), (channels,)) for v in (m, t))
+            if ts.min() >= 1 and bound * int(ms.max()) + (1 << int(ts.max())) < native.INT64_SAFE:
+                self.paths[node.name] = "native"
+                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                return native.Requantize(self.kernels, ms, ts, lo, hi, out)
         owned = self.readers.get(node.inputs[0], 0) == 1
         mixed = self._mixed_requantize(node, m, t, lo, hi, bound, ndim, owned)
         if mixed is not None:
@@ -417,6 +531,17 @@ class CompiledProgram:
         a = node.attrs
         lo, hi, t = a["lo"], a["hi"], a["shift"]
         ranges = [(self.program.tensors[n].qmin, self.program.tensors[n].qmax) for n in node.inputs]
+        if self.kernels is not None and t >= 1 and max(-lo, hi) < F32_EXACT:
+            # Codes arrive as float32 (exact below 2^24) or uint8.
+            widest = max(abs(q) for r in ranges for q in r)
+            largest = sum(
+                max(abs(q) for q in r) * abs(m)
+                for r, m in zip(ranges, (a["m_a"], a["m_b"]), strict=True)
+            )
+            if widest < F32_EXACT and largest + (1 << t) < native.INT64_SAFE:
+                self.paths[node.name] = "native"
+                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                return native.Add(self.kernels, a["m_a"], a["m_b"], t, lo, hi, out)
         plan = add_plans(a["m_a"], a["m_b"], t, lo, hi, *ranges)
         if plan is not None:
             dtype = torch.float32 if plan[3] is np.float32 else torch.float64

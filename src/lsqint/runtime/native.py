@@ -1,0 +1,221 @@
+"""The torch runtime's CPU fast path: oneDNN's int8 convolution for the accumulators, and the
+rounding steps (requantize, add) as small C kernels that run the reference's int64 arithmetic in
+one pass over memory.
+
+Why: on CPU, a float32 convolution costs 3-4x oneDNN's u8 x s8 -> int32 convolution of the same
+shape, and a rounding step in torch is five passes over memory (or float64 where float32 cannot
+be proven exact, W8A8's 256-level outputs). Both are exact here by construction or by check:
+
+* the convolution: ``torch.ops.onednn.qconv2d_pointwise`` with input and weight scales 1 and a
+  float32 output computes ``float(bias + sum(x * w))`` from an int32 accumulator. Exact when
+  (a) the accumulator never saturates: the CPU has VNNI (``vpdpbusd`` adds u8 x s8 products into
+  int32 without saturation; AVX2-only kernels add product pairs in int16 and may scale weights),
+  read from the CPU's flags, never assumed; (b) every value is below 2^24 in magnitude
+  (``acc_bound``), so the float32 conversion is exact; and (c) the layer passes a probe at build
+  time against the exact float64 convolution on inputs that drive each output to its extremes;
+* the rounding kernels (``native_kernels.c``): int64 arithmetic identical to the reference's,
+  applied where |acc * m| + 2^(t-1) < 2^62 (checked per layer).
+
+The C kernels are compiled once per machine and source with the C compiler ``c_runtime`` finds
+(``-O3 -march=native``) into ``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a
+compiler, VNNI or oneDNN the torch runtime keeps its float paths, and ``CompiledProgram.paths``
+says which ran where.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .c_runtime import c_compiler
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+INT64_SAFE = 1 << 62
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_vnni() -> bool:
+    """u8 x s8 dot products into int32 without saturation (AVX-512 VNNI or AVX-VNNI)."""
+    return platform.machine() in ("x86_64", "AMD64") and bool(
+        cpu_flags() & {"avx512_vnni", "avx_vnni"}
+    )
+
+
+def onednn_int8_available() -> bool:
+    try:
+        torch.ops.onednn.qconv2d_pointwise  # noqa: B018 (attribute lookup is the check)
+        torch.ops.onednn.qconv_prepack  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.backends.mkldnn.is_available() and has_vnni()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "lsqint"
+
+
+_FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC"]
+
+
+@cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None without a working C compiler."""
+    compiler = c_compiler()
+    if compiler is None or not SOURCE.exists():
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + " ".join([compiler, *_FLAGS, platform.machine(), *sorted(cpu_flags())]).encode()
+    ).hexdigest()[:16]
+    library = _cache_dir() / f"native-{key}.so"
+    if not library.exists():
+        try:
+            library.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent builds never load half a file.
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+            os.close(fd)
+            done = subprocess.run(
+                [compiler, *_FLAGS, "-o", partial, str(SOURCE)], capture_output=True, check=False
+            )
+            if done.returncode != 0:
+                os.unlink(partial)
+                return None
+            os.replace(partial, library)
+        except OSError:
+            return None
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in ("requantize_f32_f32", "requantize_f32_u8"):
+        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
+    for a in ("f32", "u8"):
+        for b in ("f32", "u8"):
+            for out in ("f32", "u8"):
+                getattr(lib, f"add_{a}_{b}_{out}").argtypes = [
+                    ptr,
+                    ptr,
+                    ptr,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                ]
+    return lib
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel(fn, rows: int, row_elems: int, call) -> None:
+    """Run ``call(fn, start_row, row_count)`` over ``rows`` in torch's intra-op thread count
+    (ctypes releases the GIL, so the chunks run at once)."""
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), rows * row_elems // (1 << 15) or 1))
+    if threads == 1:
+        call(fn, 0, rows)
+        return
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lsqint-native")
+    step = -(-rows // threads)
+    futures = [
+        _POOL.submit(call, fn, start, min(step, rows - start)) for start in range(0, rows, step)
+    ]
+    for f in futures:
+        f.result()
+
+
+_SUFFIX = {torch.float32: "f32", torch.uint8: "u8"}
+_ITEM = {torch.float32: 4, torch.uint8: 1}
+
+
+class Requantize:
+    """clamp(floor((acc * m[c] + 2^(t[c]-1)) / 2^t[c]), lo, hi) on a float32 accumulator in
+    channels-last (or (N, C)) layout, into float32 or uint8 codes."""
+
+    BLOCK = 1024  # elements per tile of the per-channel parameters (whole pixels)
+
+    def __init__(self, lib, m, t, lo: int, hi: int, out_dtype: torch.dtype):
+        self.fn = getattr(lib, f"requantize_f32_{_SUFFIX[out_dtype]}")
+        m = torch.tensor(np.array(m, np.int64))
+        t = torch.tensor(np.array(t, np.int64))
+        self.channels = len(m)
+        self.pixels_per_block = max(1, self.BLOCK // self.channels)
+        tile = self.pixels_per_block
+        self.m = m.repeat(tile).contiguous()
+        self.t = t.repeat(tile).contiguous()
+        self.half = (torch.ones_like(self.t) << (self.t - 1)).contiguous()
+        self.lo, self.hi, self.out_dtype = int(lo), int(hi), out_dtype
+
+    def __call__(self, acc: torch.Tensor) -> torch.Tensor:
+        c = acc.shape[1]
+        if acc.dtype != torch.float32:  # float64/int64 accumulators below 2^24: exact in float32
+            acc = acc.to(torch.float32)
+        if acc.dim() == 4:
+            acc = acc.contiguous(memory_format=torch.channels_last)
+            out = torch.empty_like(acc, dtype=self.out_dtype, memory_format=torch.channels_last)
+        else:
+            acc = acc.contiguous()
+            out = torch.empty_like(acc, dtype=self.out_dtype)
+        pixels, block = acc.numel() // c, self.pixels_per_block * c
+        src, dst, size = acc.data_ptr(), out.data_ptr(), _ITEM[self.out_dtype]
+        m, half, t = self.m.data_ptr(), self.half.data_ptr(), self.t.data_ptr()
+
+        def call(fn, start, count):  # rows of whole pixel blocks
+            first, n = start * block, min(count * block, pixels * c - start * block)
+            fn(src + 4 * first, dst + size * first, n, block, m, half, t, self.lo, self.hi)
+
+        _parallel(self.fn, -(-pixels // self.pixels_per_block), block, call)
+        return out
+
+
+class Add:
+    """clamp(floor((a * m_a + b * m_b + 2^(t-1)) / 2^t), lo, hi) elementwise; inputs float32 or
+    uint8 codes of the same shape, output ``out_dtype``."""
+
+    def __init__(self, lib, m_a: int, m_b: int, t: int, lo: int, hi: int, out_dtype):
+        self.lib = lib
+        self.args = (int(m_a), int(m_b), int(t), int(lo), int(hi))
+        self.out_dtype = out_dtype
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = (x if x.dtype in _SUFFIX else x.to(torch.float32) for x in (a, b))
+        memory = torch.channels_last if a.dim() == 4 else torch.contiguous_format
+        a = a.contiguous(memory_format=memory)
+        b = b.contiguous(memory_format=memory)
+        out = torch.empty_like(a, dtype=self.out_dtype, memory_format=memory)
+        fn = getattr(
+            self.lib, f"add_{_SUFFIX[a.dtype]}_{_SUFFIX[b.dtype]}_{_SUFFIX[self.out_dtype]}"
+        )
+        sa, sb, so = _ITEM[a.dtype], _ITEM[b.dtype], _ITEM[self.out_dtype]
+        pa, pb, po = a.data_ptr(), b.data_ptr(), out.data_ptr()
+
+        def call(fn, start, count):
+            fn(pa + sa * start, pb + sb * start, po + so * start, count, *self.args)
+
+        _parallel(fn, a.numel(), 1, call)
+        return out
