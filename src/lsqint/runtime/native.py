@@ -17,7 +17,8 @@ be proven exact, W8A8's 256-level outputs). Both are exact here by construction 
   applied where |acc * m| + 2^(t-1) < 2^62 (checked per layer).
 
 The C kernels are compiled once per machine and source with the C compiler ``c_runtime`` finds
-(``-O3 -march=native``) into ``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a
+(``-O3 -march=native -fopenmp``: on the OpenMP runtime torch loaded; serial without OpenMP) into
+``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a
 compiler, VNNI or oneDNN the torch runtime keeps its float paths, and ``CompiledProgram.paths``
 says which ran where.
 """
@@ -30,7 +31,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -78,6 +78,21 @@ def _cache_dir() -> Path:
 _FLAGS = ["-O3", "-march=native", "-std=c99", "-shared", "-fPIC"]
 
 
+def _build(compiler: str, library: Path) -> bool:
+    """Compile the kernels into ``library``: with OpenMP where the compiler has it, else serial.
+    Built beside the target and renamed, so a concurrent build never loads half a file."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    for extra in (["-fopenmp"], []):
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        command = [compiler, *_FLAGS, *extra, "-o", partial, str(SOURCE)]
+        if subprocess.run(command, capture_output=True, check=False).returncode == 0:
+            os.replace(partial, library)
+            return True
+        os.unlink(partial)
+    return False
+
+
 @cache
 def kernels() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None without a working C compiler."""
@@ -86,110 +101,64 @@ def kernels() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        source + " ".join([compiler, *_FLAGS, platform.machine(), *sorted(cpu_flags())]).encode()
+        source
+        + " ".join(
+            [compiler, *_FLAGS, "-fopenmp", platform.machine(), *sorted(cpu_flags())]
+        ).encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"native-{key}.so"
-    if not library.exists():
-        try:
-            library.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: concurrent builds never load half a file.
-            fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-            os.close(fd)
-            done = subprocess.run(
-                [compiler, *_FLAGS, "-o", partial, str(SOURCE)], capture_output=True, check=False
-            )
-            if done.returncode != 0:
-                os.unlink(partial)
-                return None
-            os.replace(partial, library)
-        except OSError:
-            return None
     try:
+        if not library.exists() and not _build(compiler, library):
+            return None
         lib = ctypes.CDLL(str(library))
     except OSError:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name in ("requantize_f32_f32", "requantize_f32_u8"):
-        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
     for a in ("f32", "u8"):
-        for b in ("f32", "u8"):
-            for out in ("f32", "u8"):
-                getattr(lib, f"add_{a}_{b}_{out}").argtypes = [
-                    ptr,
-                    ptr,
-                    ptr,
-                    i64,
-                    i64,
-                    i64,
-                    i64,
-                    i64,
-                    i64,
-                ]
+        for out in ("f32", "u8"):
+            getattr(lib, f"requantize_{a}_{out}").argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr]
+            getattr(lib, f"requantize_{a}_{out}").argtypes += [i64, i64]
+            for b in ("f32", "u8"):
+                getattr(lib, f"add_{a}_{b}_{out}").argtypes = [ptr, ptr, ptr] + [i64] * 6
     return lib
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _parallel(fn, rows: int, row_elems: int, call) -> None:
-    """Run ``call(fn, start_row, row_count)`` over ``rows`` in torch's intra-op thread count
-    (ctypes releases the GIL, so the chunks run at once)."""
-    global _POOL
-    threads = max(1, min(torch.get_num_threads(), rows * row_elems // (1 << 15) or 1))
-    if threads == 1:
-        call(fn, 0, rows)
-        return
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lsqint-native")
-    step = -(-rows // threads)
-    futures = [
-        _POOL.submit(call, fn, start, min(step, rows - start)) for start in range(0, rows, step)
-    ]
-    for f in futures:
-        f.result()
-
-
 _SUFFIX = {torch.float32: "f32", torch.uint8: "u8"}
-_ITEM = {torch.float32: 4, torch.uint8: 1}
 
 
 class Requantize:
-    """clamp(floor((acc * m[c] + 2^(t[c]-1)) / 2^t[c]), lo, hi) on a float32 accumulator in
-    channels-last (or (N, C)) layout, into float32 or uint8 codes."""
+    """clamp(floor((x * m[c] + b[c] + 2^(t[c]-1)) / 2^t[c]), lo, hi) per channel, on a tensor in
+    channels-last (or (N, C)) layout: requantize (b = 0; x a float32 accumulator) and the affine
+    op (x codes, float32 or uint8). Output float32 or uint8 codes."""
 
     BLOCK = 1024  # elements per tile of the per-channel parameters (whole pixels)
 
-    def __init__(self, lib, m, t, lo: int, hi: int, out_dtype: torch.dtype):
-        self.fn = getattr(lib, f"requantize_f32_{_SUFFIX[out_dtype]}")
+    def __init__(self, lib, m, t, lo: int, hi: int, out_dtype: torch.dtype, b=None):
+        self.lib, self.out = lib, _SUFFIX[out_dtype]
         m = torch.tensor(np.array(m, np.int64))
         t = torch.tensor(np.array(t, np.int64))
-        self.channels = len(m)
-        self.pixels_per_block = max(1, self.BLOCK // self.channels)
+        b = torch.zeros_like(m) if b is None else torch.tensor(np.array(b, np.int64))
+        self.pixels_per_block = max(1, self.BLOCK // len(m))
         tile = self.pixels_per_block
         self.m = m.repeat(tile).contiguous()
         self.t = t.repeat(tile).contiguous()
-        self.half = (torch.ones_like(self.t) << (self.t - 1)).contiguous()
+        self.add = (b + (torch.ones_like(t) << (t - 1))).repeat(tile).contiguous()
         self.lo, self.hi, self.out_dtype = int(lo), int(hi), out_dtype
 
-    def __call__(self, acc: torch.Tensor) -> torch.Tensor:
-        c = acc.shape[1]
-        if acc.dtype != torch.float32:  # float64/int64 accumulators below 2^24: exact in float32
-            acc = acc.to(torch.float32)
-        if acc.dim() == 4:
-            acc = acc.contiguous(memory_format=torch.channels_last)
-            out = torch.empty_like(acc, dtype=self.out_dtype, memory_format=torch.channels_last)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if x.dtype not in _SUFFIX:  # float64/int64 values below 2^24 (checked): exact in float32
+            x = x.to(torch.float32)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+            out = torch.empty_like(x, dtype=self.out_dtype, memory_format=torch.channels_last)
         else:
-            acc = acc.contiguous()
-            out = torch.empty_like(acc, dtype=self.out_dtype)
-        pixels, block = acc.numel() // c, self.pixels_per_block * c
-        src, dst, size = acc.data_ptr(), out.data_ptr(), _ITEM[self.out_dtype]
-        m, half, t = self.m.data_ptr(), self.half.data_ptr(), self.t.data_ptr()
-
-        def call(fn, start, count):  # rows of whole pixel blocks
-            first, n = start * block, min(count * block, pixels * c - start * block)
-            fn(src + 4 * first, dst + size * first, n, block, m, half, t, self.lo, self.hi)
-
-        _parallel(self.fn, -(-pixels // self.pixels_per_block), block, call)
+            x = x.contiguous()
+            out = torch.empty_like(x, dtype=self.out_dtype)
+        getattr(self.lib, f"requantize_{_SUFFIX[x.dtype]}_{self.out}")(
+            x.data_ptr(), out.data_ptr(), x.numel(), self.pixels_per_block * c,
+            self.m.data_ptr(), self.add.data_ptr(), self.t.data_ptr(), self.lo, self.hi,
+        )  # fmt: skip
         return out
 
 
@@ -211,11 +180,5 @@ class Add:
         fn = getattr(
             self.lib, f"add_{_SUFFIX[a.dtype]}_{_SUFFIX[b.dtype]}_{_SUFFIX[self.out_dtype]}"
         )
-        sa, sb, so = _ITEM[a.dtype], _ITEM[b.dtype], _ITEM[self.out_dtype]
-        pa, pb, po = a.data_ptr(), b.data_ptr(), out.data_ptr()
-
-        def call(fn, start, count):
-            fn(pa + sa * start, pb + sb * start, po + so * start, count, *self.args)
-
-        _parallel(fn, a.numel(), 1, call)
+        fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(), *self.args)
         return out

@@ -122,6 +122,18 @@ class CompiledProgram:
             (node, self._build(node)) for node in program.nodes if node.op != "output"
         ]
         self.output = program.nodes[-1].inputs[0]
+        # Tensors to drop after each step (their last reader): freed buffers are reused while
+        # still in cache instead of every op touching fresh memory.
+        last_reader = {name: i for i, (n, _) in enumerate(self.steps) for name in n.inputs}
+        self.drop_after: list[list[str]] = [[] for _ in self.steps]
+        for name, i in last_reader.items():
+            if name != self.output:
+                self.drop_after[i].append(name)
+        # Batches run in chunks whose largest activation (as float32) stays near 4 MiB: between
+        # the fast path's passes the data stays in cache (measured on resnet20, batch 256:
+        # chunks of 64 images ran 1.3-1.7x faster than the whole batch at once).
+        largest = max(int(np.prod(spec.shape)) for spec in program.tensors.values())
+        self.chunk = max(1, (4 << 20) // (4 * largest)) if self.kernels is not None else None
 
     def _param(self, node: Node, key: str, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(np.asarray(node.params[key]), device=self.device).to(dtype)
@@ -429,6 +441,18 @@ class CompiledProgram:
         t = a["shift"]
         x = self.program.tensors[node.inputs[0]]
         ca, cb = node.params["a"], node.params["b"]
+        # The affine op on codes (the input op's pixels are 3 channels: not worth a kernel).
+        if self.kernels is not None and node.op == "affine" and t >= 1:
+            ca64, cb64 = np.asarray(ca, np.int64), np.asarray(cb, np.int64)
+            largest = max(abs(x.qmin), abs(x.qmax)) * int(np.abs(ca64).max())
+            if (
+                max(abs(x.qmin), abs(x.qmax), -lo, hi) < F32_EXACT
+                and largest + int(np.abs(cb64).max()) + (1 << t) < native.INT64_SAFE
+            ):
+                self.paths[node.name] = "native"
+                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                ts = np.full(len(ca64), t, np.int64)
+                return native.Requantize(self.kernels, ca64, ts, lo, hi, out, b=cb64)
         plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, x.qmin, x.qmax, 4)
         if plan is not None:
             M, C, dtype = plan
@@ -577,6 +601,12 @@ class CompiledProgram:
         if x.dim() == 4:
             # NHWC is oneDNN's and cuDNN's native conv layout; every op here preserves it.
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.chunk is not None and x.shape[0] > self.chunk:
+            parts = [self._forward(part) for part in x.split(self.chunk)]
+            return np.concatenate(parts)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
         env = {"input": x}
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         reduced = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
@@ -592,8 +622,10 @@ class CompiledProgram:
                 torch.backends.nnpack.flags(enabled=False),
                 torch.backends.cudnn.flags(enabled=False, allow_tf32=False),
             ):
-                for node, fn in self.steps:
+                for (node, fn), dead in zip(self.steps, self.drop_after, strict=True):
                     env[node.output] = fn(*(env[name] for name in node.inputs))
+                    for name in dead:
+                        del env[name]
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
