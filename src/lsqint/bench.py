@@ -54,11 +54,18 @@ def evidence(command: str) -> dict:
     }
 
 
-def interleaved_timings(fns: dict, rounds: int, repeats: int = 1, sync=lambda: None) -> dict:
-    """Median seconds per call of each fn, measured round-robin."""
+def interleaved_timings(
+    fns: dict, rounds: int, repeats: int = 1, sync=lambda: None, settle: int = 0
+) -> dict:
+    """Median seconds per call of each fn, measured round-robin. ``settle``: untimed calls of
+    each fn before its timed ones in every round, which absorb what the previous fn left behind
+    (ONNX Runtime's and OpenMP's worker threads spin for a while after a run, taking the cores
+    from whatever runs next)."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            for _ in range(settle):
+                fn()
             sync()
             start = time.perf_counter()
             for _ in range(repeats):
@@ -66,6 +73,14 @@ def interleaved_timings(fns: dict, rounds: int, repeats: int = 1, sync=lambda: N
             sync()
             times[name].append((time.perf_counter() - start) / repeats)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def path_counts(compiled: CompiledProgram) -> str:
+    """Which path each op of a compiled program takes, counted: 'native 32, onednn-int8 21'."""
+    counts: dict[str, int] = {}
+    for path in compiled.paths.values():
+        counts[path] = counts.get(path, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _sync(device: torch.device):
@@ -332,7 +347,10 @@ def onnx_inference(
             "ort-qlinear": OnnxSession(program, qlinear=True, threads=threads),
         }
         compiled = CompiledProgram(program)
+        float_paths = CompiledProgram(program, cpu_kernels=False)  # the runtime without them
         expected = compiled(images_np[:8])
+        if not np.array_equal(float_paths(images_np[:8]), expected):
+            raise AssertionError("the torch runtime's two CPU paths differ")
         for name, session in sessions.items():
             if not np.array_equal(session(images_np[:8]), expected):
                 raise AssertionError(f"{name} differs from the torch runtime")
@@ -341,10 +359,12 @@ def onnx_inference(
             "ort-qdq-w8a8": lambda: qdq.run(None, {"input": images_np}),
             **{name: (lambda s=session: s(images_np)) for name, session in sessions.items()},
             "torch-int": lambda compiled=compiled: compiled(images_np),
+            "torch-int-float-paths": lambda compiled=float_paths: compiled(images_np),
         }
         for fn in fns.values():
             fn()
-        ips = {k: batch / v for k, v in interleaved_timings(fns, rounds).items()}
+        timings = interleaved_timings(fns, rounds, settle=1)
+        ips = {k: batch / v for k, v in timings.items()}
         rows.append(
             {
                 "program": label,
@@ -352,6 +372,7 @@ def onnx_inference(
                 "ort_qlinear_vs_qdq": ips["ort-qlinear"] / ips["ort-qdq-w8a8"],
                 "ort_qlinear_vs_float32": ips["ort-qlinear"] / ips["ort-float32"],
                 "torch_int_vs_qdq": ips["torch-int"] / ips["ort-qdq-w8a8"],
+                "torch_int_paths": path_counts(compiled),
             }
         )
     return rows
