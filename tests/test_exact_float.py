@@ -111,7 +111,8 @@ def test_torch_runtime_reports_its_paths(bits):
     from lsqint.runtime import CompiledProgram
 
     _, program, _ = random_qat_program("resnet20", QuantConfig(weight_bits=bits, act_bits=bits), 0)
-    paths = CompiledProgram(program).paths
+    # The float paths (the CPU fast path's are tested in test_native.py).
+    paths = CompiledProgram(program, cpu_kernels=False).paths
     assert set(paths.values()) <= {"float32", "float64", "float32+float64", "int64"}
     convs = [n.name for n in program.nodes if n.op == "conv2d"]
     assert all(paths[c] in ("float32", "float64") for c in convs)
