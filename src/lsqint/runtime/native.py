@@ -1,6 +1,6 @@
 """The torch runtime's CPU fast path: oneDNN's int8 convolution for the accumulators, and the
-rounding steps (requantize, add) as small C kernels that run the reference's int64 arithmetic in
-one pass over memory.
+rounding steps (requantize, add, affine) as small C kernels that run the reference's int64
+arithmetic in one pass over memory.
 
 Why: on CPU, a float32 convolution costs 3-4x oneDNN's u8 x s8 -> int32 convolution of the same
 shape, and a rounding step in torch is five passes over memory (or float64 where float32 cannot
@@ -18,9 +18,8 @@ be proven exact, W8A8's 256-level outputs). Both are exact here by construction 
 
 The C kernels are compiled once per machine and source with the C compiler ``c_runtime`` finds
 (``-O3 -march=native -fopenmp``: on the OpenMP runtime torch loaded; serial without OpenMP) into
-``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a
-compiler, VNNI or oneDNN the torch runtime keeps its float paths, and ``CompiledProgram.paths``
-says which ran where.
+``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a compiler, VNNI or oneDNN the
+torch runtime keeps its float paths, and ``CompiledProgram.paths`` says which ran where.
 """
 
 from __future__ import annotations

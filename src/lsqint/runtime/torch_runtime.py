@@ -480,12 +480,21 @@ class CompiledProgram:
         m, t = node.params["m"], node.params["t"]
         ndim = len(self.program.tensors[node.inputs[0]].shape) + 1
         bound = self._acc_bound(node.inputs[0])
-        # Codes leave as uint8 or float32, exact below 2^24 (logits may need int64).
-        if self.kernels is not None and bound < F32_EXACT and max(-lo, hi) < F32_EXACT:
+        # Codes leave as uint8 or float32, exact below 2^24 (logits may need int64). The kernel
+        # takes channels as the innermost dimension: (N, C) and channels-last (N, C, H, W).
+        if (
+            self.kernels is not None
+            and ndim in (2, 4)
+            and bound < F32_EXACT
+            and max(-lo, hi) < F32_EXACT
+        ):
             # Per-channel parameters, or one value for every channel.
             channels = self.program.tensors[node.inputs[0]].shape[0]
             ms, ts = (np.broadcast_to(np.asarray(v, np.int64), (channels,)) for v in (m, t))
-            if ts.min() >= 1 and bound * int(ms.max()) + (1 << int(ts.max())) < native.INT64_SAFE:
+            if (
+                ts.min() >= 1
+                and bound * int(np.abs(ms).max()) + (1 << int(ts.max())) < native.INT64_SAFE
+            ):
                 self.paths[node.name] = "native"
                 out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
                 return native.Requantize(self.kernels, ms, ts, lo, hi, out)
