@@ -185,3 +185,51 @@ def test_no_vnni_no_compiler_means_the_float_paths(monkeypatch, tmp_path):
         assert np.array_equal(compiled(images.numpy()), run_reference(program, images.numpy()))
     finally:
         native.kernels.cache_clear()
+
+
+def test_vnni_is_read_from_the_cpu_and_a_onednn_isa_cap(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert native.has_vnni()
+    for cap, vnni in [("AVX2", False), ("AVX512_CORE", False), ("AVX512_CORE_VNNI", True)]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert native.has_vnni() == vnni, cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2_VNNI")
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not native.has_vnni()  # no VNNI in the CPU, whatever the cap says
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx512_vnni"})
+    assert not native.has_vnni()
+
+
+_CAPPED = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_native import _convs_program
+from lsqint.runtime import CompiledProgram, run_reference
+program, images = _convs_program(4)
+compiled = CompiledProgram(program)
+assert "onednn-int8" not in compiled.paths.values(), compiled.paths
+x = np.random.default_rng(0).integers(0, 256, (32, 3, 20, 20), dtype=np.uint8)
+assert np.array_equal(compiled(x), run_reference(program, x))
+"""
+
+
+@needs_onednn
+def test_onednn_capped_below_vnni_keeps_the_float_convolutions(tmp_path):
+    """oneDNN capped to AVX2 (its int8 kernels then add product pairs in int16, and gave wrong
+    sums on this file's 1x1 stride-2 layer even where no pair can saturate): float paths. In a
+    subprocess, as oneDNN reads the cap once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "capped.py"
+    script.write_text(_CAPPED.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]

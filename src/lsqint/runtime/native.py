@@ -9,10 +9,11 @@ be proven exact, W8A8's 256-level outputs). Both are exact here by construction 
 * the convolution: ``torch.ops.onednn.qconv2d_pointwise`` with input and weight scales 1 and a
   float32 output computes ``float(bias + sum(x * w))`` from an int32 accumulator. Exact when
   (a) the accumulator never saturates: the CPU has VNNI (``vpdpbusd`` adds u8 x s8 products into
-  int32 without saturation; AVX2-only kernels add product pairs in int16 and may scale weights),
-  read from the CPU's flags, never assumed; (b) every value is below 2^24 in magnitude
-  (``acc_bound``), so the float32 conversion is exact; and (c) the layer passes a probe at build
-  time against the exact float64 convolution on inputs that drive each output to its extremes;
+  int32 without saturation), read from the CPU's flags, never assumed (without VNNI, see
+  ``onednn_int8_available``); (b) every value is below 2^24 in magnitude (``acc_bound``), so
+  the float32 conversion is exact; and (c) the layer passes a probe at build time against the
+  exact float64 convolution on random and extreme inputs (a guard against a kernel that is wrong
+  for the layer's shape; (a) and (b) are the argument);
 * the rounding kernels (``native_kernels.c``): int64 arithmetic identical to the reference's,
   applied where |acc * m| + 2^(t-1) < 2^62 (checked per layer).
 
@@ -54,13 +55,24 @@ def cpu_flags() -> set[str]:
 
 
 def has_vnni() -> bool:
-    """u8 x s8 dot products into int32 without saturation (AVX-512 VNNI or AVX-VNNI)."""
-    return platform.machine() in ("x86_64", "AMD64") and bool(
-        cpu_flags() & {"avx512_vnni", "avx_vnni"}
-    )
+    """Will oneDNN's int8 kernels add u8 x s8 products into int32 without saturation? Yes where
+    the CPU has AVX-512 VNNI or AVX-VNNI, unless oneDNN is capped below them
+    (``ONEDNN_MAX_CPU_ISA``; any cap that does not name VNNI or AMX counts as one)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and cap != "ALL" and not any(name in cap for name in ("VNNI", "AMX")):
+        return False
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def onednn_int8_available() -> bool:
+    """oneDNN's int8 convolution in this torch (x86 CPU builds have it) on a CPU where its
+    kernels cannot saturate (VNNI). Without VNNI they add pairs of u8 x s8 products in int16
+    with saturation (vpmaddubsw); weights within [-64, 64] would keep those pairs exact, but
+    oneDNN capped to AVX2 on this project's VNNI machine gave wrong sums on a 1x1 stride-2
+    convolution of 4-bit codes (whole output pixels from the wrong input, a few per batch: not
+    saturation), so without VNNI the float paths run."""
     try:
         torch.ops.onednn.qconv2d_pointwise  # noqa: B018 (attribute lookup is the check)
         torch.ops.onednn.qconv_prepack  # noqa: B018
