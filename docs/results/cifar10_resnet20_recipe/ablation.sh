@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two W2A2 ablations left open by issue 9's table (2026-11-30, session 8), from the provided float
-# checkpoint, run from the repository root (2-core CPU, ~40 minutes):
+# checkpoint, run from the repository root (2-core CPU, ~75 minutes):
 #  1. distillation alone: the old defaults (lr 0.001, wd 5e-4, no clipping, no 8-bit residual
 #     stream) plus KD, 2 epochs from float: the `abl_kd` line of ../cifar10_resnet20_lowbit/run.sh;
 #  2. the recipe without the progressive chain: `lsqint qat -w 2 -a 2` with its defaults
@@ -17,3 +17,7 @@ lsqint qat "${COMMON[@]}" -w 2 -a 2 -e 2 --lr 0.001 --wd 5e-4 --grad-clip none \
 lsqint infer "${COMMON[@]}" -w 2 -a 2 --log-dir $R/abl_kd --json $HERE/ablation_w2a2_kd_only_2ep.json
 lsqint qat "${COMMON[@]}" -w 2 -a 2 --init $FLOAT --log-dir $R/s8_direct
 lsqint infer "${COMMON[@]}" -w 2 -a 2 --log-dir $R/s8_direct --json $HERE/ablation_w2a2_from_float.json
+# 3. as 2 with --seed 1 (how much of the gap to the chain is the seed); added after 1-2 had run.
+lsqint qat "${COMMON[@]}" -w 2 -a 2 --init $FLOAT --seed 1 --log-dir $R/s8_direct_seed1
+lsqint infer "${COMMON[@]}" -w 2 -a 2 --log-dir $R/s8_direct_seed1 \
+    --json $HERE/ablation_w2a2_from_float_seed1.json
