@@ -20,6 +20,7 @@ import platform
 import statistics
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,8 @@ def interleaved_timings(
 
 def path_counts(compiled: CompiledProgram) -> str:
     """Which path each op of a compiled program takes, counted: 'native 32, onednn-int8 21'."""
-    counts: dict[str, int] = {}
-    for path in compiled.paths.values():
-        counts[path] = counts.get(path, 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    counts = Counter(compiled.paths.values())
+    return ", ".join(f"{path} {n}" for path, n in counts.most_common())
 
 
 def _sync(device: torch.device):

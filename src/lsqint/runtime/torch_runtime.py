@@ -88,6 +88,12 @@ def _exact(acc: torch.Tensor, device: torch.device) -> torch.Tensor:
     return acc
 
 
+def _code_dtype(lo: int, hi: int) -> torch.dtype:
+    """How the C kernels store codes in [lo, hi]: uint8 where they fit (the code itself), else
+    float32 (exact below 2^24, checked by the callers)."""
+    return torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+
+
 def _rounding_shift(acc: torch.Tensor, t) -> torch.Tensor:
     # floor((acc + 2^(t-1)) / 2^t): >> on signed int64 is an arithmetic shift (rounds to -inf).
     return (acc + (1 << (t - 1))) >> t
@@ -108,9 +114,9 @@ class CompiledProgram:
         self.int8_gemm = int8_gemm
         # The CPU fast path (runtime/native.py): oneDNN int8 convolutions where the CPU has VNNI,
         # C kernels for requantize and add where a C compiler exists.
-        on_cpu = self.device.type == "cpu" and cpu_kernels
-        self.kernels = native.kernels() if on_cpu and not int8_gemm else None
-        self.onednn = on_cpu and not int8_gemm and native.onednn_int8_available()
+        fast = self.device.type == "cpu" and cpu_kernels and not int8_gemm
+        self.kernels = native.kernels() if fast else None
+        self.onednn = fast and native.onednn_int8_available()
         self.producer = {n.output: n for n in program.nodes}
         self.readers: dict[str, int] = {}
         for n in program.nodes:
@@ -459,7 +465,7 @@ class CompiledProgram:
                 and largest + int(np.abs(cb64).max()) + (1 << t) < native.INT64_SAFE
             ):
                 self.paths[node.name] = "native"
-                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                out = _code_dtype(lo, hi)
                 ts = np.full(len(ca64), t, np.int64)
                 return native.Requantize(self.kernels, ca64, ts, lo, hi, out, b=cb64)
         plan = self._affine_plans(node, ca, cb, [t] * len(ca), lo, hi, x.qmin, x.qmax, 4)
@@ -505,7 +511,7 @@ class CompiledProgram:
                 and bound * int(np.abs(ms).max()) + (1 << int(ts.max())) < native.INT64_SAFE
             ):
                 self.paths[node.name] = "native"
-                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                out = _code_dtype(lo, hi)
                 return native.Requantize(self.kernels, ms, ts, lo, hi, out)
         owned = self.readers.get(node.inputs[0], 0) == 1
         mixed = self._mixed_requantize(node, m, t, lo, hi, bound, ndim, owned)
@@ -582,7 +588,7 @@ class CompiledProgram:
             )
             if widest < F32_EXACT and largest + (1 << t) < native.INT64_SAFE:
                 self.paths[node.name] = "native"
-                out = torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
+                out = _code_dtype(lo, hi)
                 return native.Add(self.kernels, a["m_a"], a["m_b"], t, lo, hi, out)
         plan = add_plans(a["m_a"], a["m_b"], t, lo, hi, *ranges)
         if plan is not None:
