@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsqint.bench import format_rows, script_result, write_json
+from lsqint.app.bench import format_rows, script_result, write_json
 from lsqint.data import load_data
-from lsqint.evaluation import images_and_labels
+from lsqint.app.evaluation import images_and_labels
 from lsqint.export.mcu import build_firmware, model_object_sizes, run_qemu
 from lsqint.intprog.artifact import load
 from lsqint.runtime import compile_program, run
-from lsqint.runtime.c_runtime import CompiledC
-from lsqint.workflow import digits_args, train_float, train_qat
+from lsqint.export.c_host import CompiledC
+from lsqint.app.workflow import digits_args, train_float, train_qat
 
 RESULTS = Path("docs/results/cifar10_resnet20_lowbit")
 

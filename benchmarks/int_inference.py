@@ -10,7 +10,7 @@ runtime with int8 GEMM convolutions (torch._int_mm) and, on CUDA, the float mode
 
 import argparse
 
-from lsqint.bench import format_rows, int_inference, script_result, write_json
+from lsqint.app.bench import format_rows, int_inference, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")

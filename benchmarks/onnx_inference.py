@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lsqint import load
-from lsqint.bench import format_rows, onnx_inference, script_result, write_json
+from lsqint.app.bench import format_rows, onnx_inference, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")

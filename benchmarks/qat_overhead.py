@@ -10,7 +10,7 @@ Variants (forward, backward, SGD update on the same data, timed round-robin):
 
 import argparse
 
-from lsqint.bench import format_rows, qat_overhead, script_result, write_json
+from lsqint.app.bench import format_rows, qat_overhead, script_result, write_json
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--model", default="resnet20")

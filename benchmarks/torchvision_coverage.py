@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lsqint import QuantConfig, prepare_qat
-from lsqint.intprog import convert
+from lsqint.qat.convert import convert
 from lsqint.intprog.artifact import program_num_params
 from lsqint.models import create_model
 from lsqint.qat import calibrate_

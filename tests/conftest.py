@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from lsqint import QuantConfig, prepare_qat
-from lsqint.intprog import convert
 from lsqint.models import create_model
 from lsqint.qat import calibrate_
+from lsqint.qat.convert import convert
 from lsqint.runtime import run
-from lsqint.runtime.c_runtime import c_compiler
+from lsqint.toolchain import c_compiler
 
 # The runtimes every differential test checks: the generated C (compiled for this host) too,
 # wherever a C compiler exists (CI's machines have one; without it the c runtime cannot run).
@@ -42,6 +42,13 @@ def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def quantize(model, config: QuantConfig, images, **prepare_options):
+    """prepare_qat -> calibrate on ``images`` -> convert: (QAT model, verified program)."""
+    qat = prepare_qat(model, config, images, **prepare_options)
+    calibrate_(qat, images)
+    return qat, convert(qat)
+
+
 def random_qat_program(
     name: str, config: QuantConfig, seed: int, batch: int = 2, image_size: int = 32
 ):
@@ -51,15 +58,14 @@ def random_qat_program(
     size = 8 if name == "digits_cnn" else image_size
     model = randomize_bn_(create_model(name, 10, size), seed).eval()
     images = torch.randint(0, 256, (batch, in_channels, size, size), dtype=torch.uint8)
-    qat = prepare_qat(model, config, images)
-    calibrate_(qat, images)
-    return qat, convert(qat), images
+    qat, program = quantize(model, config, images)
+    return qat, program, images
 
 
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory):
     """A float and a W4A4 QAT run on digits, trained once per test session (~10 s)."""
-    from lsqint.workflow import digits_args, train_float, train_qat
+    from lsqint.app.workflow import digits_args, train_float, train_qat
 
     root = tmp_path_factory.mktemp("digits_runs")
     base = dict(seed=0, log_dir=str(root))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
+from lsqint.app.workflow import RunArgs, train_qat
 from lsqint.train import init_distributed, shutdown_distributed
-from lsqint.workflow import RunArgs, train_qat
 
 root, init, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 dist = init_distributed(torch.device("cpu"))

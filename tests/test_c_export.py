@@ -13,19 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_runtimes_agree, random_qat_program
-from lsqint import QuantConfig, prepare_qat
-from lsqint.cli import main
+from conftest import assert_runtimes_agree, quantize, random_qat_program
+from lsqint import QuantConfig
+from lsqint.app.cli import main
+from lsqint.app.evaluation import images_and_labels
 from lsqint.data import load_data
-from lsqint.evaluation import images_and_labels
 from lsqint.export.c_code import export_c, generate_c, plan_arena
 from lsqint.export.mcu import build_firmware, missing_tools, run_qemu
-from lsqint.intprog import convert
 from lsqint.intprog.artifact import load, save
 from lsqint.models import Normalize
-from lsqint.qat import calibrate_
 from lsqint.runtime import run
-from lsqint.runtime.c_runtime import c_compiler
+from lsqint.toolchain import c_compiler
 
 RESULTS = Path("docs/results/cifar10_resnet20_lowbit")
 needs_cc = pytest.mark.skipif(c_compiler() is None, reason="needs a C compiler")
@@ -198,9 +196,7 @@ def test_odd_geometry_is_exact_in_c(bits):
     torch.manual_seed(bits[0])
     model = OddGeometry().eval()
     images = torch.randint(0, 256, (3, 3, 17, 21), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(*bits), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(*bits), images)
     assert {"maxpool2d", "avgpool2d", "linear"} <= {n.op for n in program.nodes}
     fresh = np.random.default_rng(1).integers(0, 256, (5, 3, 17, 21), dtype=np.uint8)
     for batch in (images.numpy(), fresh):

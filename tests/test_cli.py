@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lsqint.cli import main
+from lsqint.app.cli import main
 from lsqint.train import load_checkpoint
 
-DIGITS = [
+DIGITS_DATA = [
     "--model",
     "digits_cnn",
     "--dataset",
@@ -22,11 +22,10 @@ DIGITS = [
     "--cuda",
     "-1",
     "--no-progress",
-    "-b",
-    "64",
     "-tb",
     "512",
 ]
+DIGITS = [*DIGITS_DATA, "-b", "64"]  # training commands; infer reads DIGITS_DATA only
 
 
 def lsqint(*args):
@@ -56,7 +55,7 @@ def test_train_qat_infer_on_digits(tmp_path, capsys):
     assert load_checkpoint(qat_dir / "last.pt")["epoch"] == 3
     capsys.readouterr()
     out_json = tmp_path / "infer.json"
-    assert main(["infer", *DIGITS, *log, "-w", "3", "-a", "3", "--json", str(out_json)]) == 0
+    assert main(["infer", *DIGITS_DATA, *log, "-w", "3", "-a", "3", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "integer top-1" in text and "label agreement" in text and "artifact" in text
     row = json.loads(out_json.read_text())
@@ -116,9 +115,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     ref = lsqint("train", *args, "--log-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     cmd = [sys.executable, "-m", "lsqint", "train", *args, "--log-dir", str(tmp_path / "killed")]
-    _kill_after_epoch(cmd, 1)
+    _kill_after_epoch(cmd, 1, tmp_path)
     last = tmp_path / "killed" / "digits_digits_cnn" / "float" / "last.pt"
-    assert load_checkpoint(last)["epoch"] < 4  # stopped before the end
+    assert load_checkpoint(last)["epoch"] == 1  # killed after epoch 1
     resumed = lsqint("train", *args, "--log-dir", str(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a = load_checkpoint(tmp_path / "ref" / "digits_digits_cnn" / "float" / "last.pt")
@@ -148,20 +147,39 @@ def test_resume_with_other_optimizer_flags_is_refused_and_keeps_the_run(tmp_path
     assert load_checkpoint(last)["epoch"] == 2
 
 
-def _kill_after_epoch(cmd: list[str], epoch: int) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.split()[:1] == [str(epoch)]:  # that epoch's row: its checkpoint is on disk
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+_KILLER = """
+import os, signal
+from lsqint.train import loop
+
+_checkpoint = loop.Trainer._checkpoint
+
+
+def _checkpoint_then_die(self, improved):
+    _checkpoint(self, improved)
+    if self.epoch == int(os.environ["LSQINT_TEST_KILL_AFTER_EPOCH"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as hard as a power cut, at a known point
+
+
+loop.Trainer._checkpoint = _checkpoint_then_die
+"""
+
+
+def _kill_after_epoch(cmd: list[str], epoch: int, tmp_path: Path) -> None:
+    """Run ``cmd`` and SIGKILL it right after epoch ``epoch``'s checkpoints are written (a
+    sitecustomize in the child patches the trainer: no race with a reader of its output)."""
+    hook = tmp_path / "kill_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLER)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "LSQINT_TEST_KILL_AFTER_EPOCH": str(epoch)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
 def test_bn_aware_qat_freezes_on_schedule_and_resumes_to_identical_weights(tmp_path, digits_runs):
     """--bn-aware-epochs 1: epoch 1 trains with live BatchNorm, then BN folds for good; a run
     killed after the fold resumes (folding again before loading) to the same weights."""
-    from lsqint.runs import holds_batchnorm
+    from lsqint.app.runs import holds_batchnorm
 
     float_ckpt = digits_runs["float"]["checkpoint"]
     args = [*DIGITS, "-e", "3", "-w", "3", "-a", "3", "--lr", "0.01", "--seed", "3"]
@@ -170,7 +188,7 @@ def test_bn_aware_qat_freezes_on_schedule_and_resumes_to_identical_weights(tmp_p
     assert ref.returncode == 0, ref.stderr
     assert "epoch 1: BatchNorm statistics frozen" in ref.stdout
     cmd = [sys.executable, "-m", "lsqint", "qat", *args, "--log-dir", str(tmp_path / "killed")]
-    _kill_after_epoch(cmd, 2)
+    _kill_after_epoch(cmd, 2, tmp_path)
     run = tmp_path / "killed" / "digits_digits_cnn" / "w3a3"
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
     resumed = lsqint("qat", *args, "--log-dir", str(tmp_path / "killed"), "--resume")
@@ -187,7 +205,7 @@ def test_bn_aware_qat_freezes_on_schedule_and_resumes_to_identical_weights(tmp_p
     out_json = tmp_path / "infer.json"
     infer = lsqint(
         "infer",
-        *DIGITS,
+        *DIGITS_DATA,
         "--log-dir",
         str(tmp_path / "killed"),
         "-w",
@@ -227,8 +245,19 @@ def test_torchrun_two_ranks_hold_identical_parameters(tmp_path, digits_runs):
         assert torch.equal(rank0[key], rank1[key]), key
     scales = [k for k in rank0 if k.endswith(".scale")]
     assert len(scales) > 5
-    # Training moved the parameters away from the float checkpoint's calibration.
-    assert (tmp_path / "digits_digits_cnn" / "w4a4" / "last.pt").is_file()
+    run = tmp_path / "digits_digits_cnn" / "w4a4"
+    assert (run / "last.pt").is_file()
+    # The val top-1 the run printed and chose best.pt by is the whole split's, not rank 0's
+    # shard: one process evaluating best.pt on the whole split gets the same figure.
+    from lsqint.app.runs import load_qat_model
+    from lsqint.data import load_data, make_loader
+    from lsqint.train import evaluate
+
+    model, meta = load_qat_model(run / "best.pt")
+    val = load_data("digits", None, meta.get("image_size")).val
+    whole = evaluate(model, make_loader(val, 256, False, "cpu"), torch.device("cpu"))
+    best = load_checkpoint(run / "best.pt")
+    assert whole["acc"] == best["best_acc"]
 
 
 def test_missing_dataset_is_one_line_error(tmp_path):
@@ -365,7 +394,7 @@ def test_infer_on_the_int8_gemm_runtime_gives_the_torch_runtimes_accuracy(tmp_pa
     agreement as the float-path torch runtime on the same program."""
     import json
 
-    from lsqint.cli import main
+    from lsqint.app.cli import main
 
     rows = {}
     for runtime in ("torch", "torch-int8"):
@@ -376,3 +405,79 @@ def test_infer_on_the_int8_gemm_runtime_gives_the_torch_runtimes_accuracy(tmp_pa
     assert rows["torch-int8"]["runtime"] == "torch-int8"
     for key in ("int_acc", "agreement", "flips"):
         assert rows["torch-int8"][key] == rows["torch"][key]
+
+
+def test_training_split_smaller_than_one_batch_trains_on_what_it_has(tmp_path):
+    """digits' 1,437 training images with -b 2000: one short batch per epoch, not zero batches
+    (which printed train loss 0.0000), and qat calibrates on that batch."""
+    log = ["--log-dir", str(tmp_path)]
+    assert main(["train", *DIGITS, *log, "-b", "2000", "-e", "1", "--lr", "0.05"]) == 0
+    metrics = json.loads((tmp_path / "digits_digits_cnn" / "float" / "metrics.json").read_text())
+    assert metrics["epochs"][0]["train_loss"] > 0
+    assert main(["qat", *DIGITS, *log, "-b", "2000", "-e", "1", "--no-distill"]) == 0
+
+
+def test_bad_input_exits_2_and_a_bug_exits_1_as_an_internal_error(monkeypatch, capsys):
+    from lsqint.app import workflow
+    from lsqint.errors import DatasetError
+
+    def bad_input(*_args, **_kwargs):
+        raise DatasetError("no images under /nowhere; pass --data-root")
+
+    monkeypatch.setattr(workflow, "train_float", bad_input)
+    assert main(["train", *DIGITS, "-e", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: no images under /nowhere" in err
+
+    def bug(*_args, **_kwargs):
+        raise KeyError("lr")
+
+    monkeypatch.setattr(workflow, "train_float", bug)
+    assert main(["train", *DIGITS, "-e", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: KeyError" in err and "LSQINT_DEBUG" in err
+
+
+def test_runtime_typo_is_refused_before_any_work(tmp_path):
+    r = lsqint("sweep", *DIGITS, "--runtime", "typo", "--log-dir", str(tmp_path))
+    assert r.returncode == 2 and "invalid choice: 'typo'" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_infer_help_lists_only_its_own_flags():
+    r = lsqint("infer", "--help")
+    assert r.returncode == 0
+    for flag in ("--program", "--runtime", "-w", "-tb"):
+        assert flag in r.stdout
+    for flag in ("--lr", "--resume", "--grad-clip", "--bn-aware-epochs", "--epochs"):
+        assert flag not in r.stdout
+
+
+def test_plain_state_dict_initializes_a_run(tmp_path, digits_runs, capsys):
+    """--init with a plain state_dict (as torchvision's downloads): matching keys load, another
+    class count leaves the classifier at its initialization, other mismatches are refused."""
+    float_ckpt = load_checkpoint(digits_runs["float"]["checkpoint"])
+    plain = tmp_path / "plain.pth"
+    torch.save({f"module.{k}": v for k, v in float_ckpt["model"].items()}, plain)  # DDP-style
+    log = ["--log-dir", str(tmp_path / "runs")]
+    args = [*DIGITS, *log, "-e", "1", "--lr", "0.0", "--init", str(plain)]
+    assert main(["train", *args]) == 0
+    run = tmp_path / "runs" / "digits_digits_cnn" / "float"
+    trained = load_checkpoint(run / "last.pt")["model"]
+    for key, value in float_ckpt["model"].items():  # lr 0: the parameters are the file's
+        if "running_" not in key and "num_batches" not in key:  # BN statistics still update
+            assert torch.equal(trained[key], value), key
+    head = [k for k in float_ckpt["model"] if k.endswith("weight")][-1]
+    smaller = dict(float_ckpt["model"])
+    smaller[head] = smaller[head][:5]
+    smaller[head.replace("weight", "bias")] = smaller[head.replace("weight", "bias")][:5]
+    torch.save(smaller, plain)
+    assert main(["train", *args, "--overwrite"]) == 0
+    assert "classifier is left at its initialization" in capsys.readouterr().out
+    first_conv = next(k for k in float_ckpt["model"] if k.endswith("weight"))
+    broken = dict(float_ckpt["model"])
+    broken[first_conv] = broken[first_conv][:, :, :1]
+    torch.save(broken, plain)
+    r = lsqint("train", *args, "--overwrite")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "weight shapes differ" in r.stderr and first_conv in r.stderr

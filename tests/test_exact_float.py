@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lsqint.intprog.exact_float import add_plan, affine_step_plan, qlinear_layer_plan, qlinear_plan
 from lsqint.intprog.fixedpoint import quantize_multiplier
-from lsqint.runtime.exact_float import add_plan, affine_step_plan, qlinear_layer_plan, qlinear_plan
 
 
 def exact(x, m, b, t, lo, hi):

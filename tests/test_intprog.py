@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import lsqint
-from conftest import assert_runtimes_agree, random_qat_program
+from conftest import assert_runtimes_agree, quantize, random_qat_program
 from lsqint import QuantConfig, convert, load, prepare_qat, save
-from lsqint.evaluation import compare, images_and_labels
+from lsqint.app.evaluation import compare, images_and_labels
+from lsqint.app.runs import load_qat_model
 from lsqint.intprog import ProgramError, verify
 from lsqint.intprog.artifact import ArtifactError, pack_bits, unpack_bits
 from lsqint.models import Normalize
 from lsqint.qat import calibrate_
-from lsqint.runs import load_qat_model
 
 
 def test_convert_refuses_uninitialized_step_sizes():
@@ -186,7 +186,7 @@ def test_malformed_graph_is_refused(tmp_path):
 
 
 def test_digits_qat_model_and_integer_program_agree(digits_runs):
-    """DESIGN section 5 target: accuracy within 0.1 points, >= 99.9 % identical labels."""
+    """docs/design.md section 5 target: accuracy within 0.1 points, >= 99.9 % identical labels."""
     qat_model, meta = load_qat_model(digits_runs["qat"]["checkpoint"])
     program = load(digits_runs["qat"]["program"])
     data = lsqint.data.load_data("digits")
@@ -208,9 +208,7 @@ def test_bias_of_a_nearly_dead_channel_is_clipped_exactly():
         model.conv2.weight[0].mul_(1e-7)
         model.bn2.bias[0] = 0.8
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(weight_bits=8, act_bits=8), images)
-    calibrate_(qat, images)
-    program = convert(qat)  # used to raise
+    qat, program = quantize(model, QuantConfig(weight_bits=8, act_bits=8), images)  # used to raise
     conv2 = next(n for n in program.nodes if n.name == "conv2")
     assert conv2.params["bias"].dtype == np.int32
     assert int(conv2.params["bias"][0]) < 2**31 - 1
@@ -218,7 +216,7 @@ def test_bias_of_a_nearly_dead_channel_is_clipped_exactly():
     assert requant.op == "requantize"
     # Channel 0's output is provably constant: lowered as weights 0, bias k, multiplier 1.
     assert not conv2.params["weight"][0].any()
-    assert (int(requant.params["m"][0]), int(requant.params["t"][0])) == (2**30, 30)
+    assert (int(requant.params["m"][0]), int(requant.params["shift"][0])) == (2**30, 30)
     assert conv2.params["weight"][1:].any()
     logits = assert_runtimes_agree(program, images.numpy())
     with torch.no_grad():
@@ -236,9 +234,7 @@ def test_clipped_or_constant_bias_channel_gives_the_fake_quant_codes(shrink):
         model.conv2.weight[0].mul_(shrink)
         model.bn2.bias[0] = 0.8
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(weight_bits=8, act_bits=8), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(weight_bits=8, act_bits=8), images)
     env = {"input": images.numpy()}
     for node in program.nodes[:-1]:
         env[node.output] = run_node(node, [env[n] for n in node.inputs])

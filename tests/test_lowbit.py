@@ -114,10 +114,10 @@ def test_distill_loss_mixes_label_and_teacher_terms():
 def test_qat_with_distillation_and_progressive_init(tmp_path, digits_runs):
     """--distill trains against the float teacher; a W2A2 run initialized from the W4A4 QAT
     checkpoint starts from its trained weights with step sizes set anew for 2 bits."""
+    from lsqint.app.runs import load_qat_model
+    from lsqint.app.workflow import digits_args, train_qat
     from lsqint.qat.modules import QuantConv2d
-    from lsqint.runs import load_qat_model
     from lsqint.train import load_checkpoint
-    from lsqint.workflow import digits_args, train_qat
 
     source = digits_runs["qat"]["checkpoint"]
     source_model, _ = load_qat_model(source)
@@ -215,11 +215,11 @@ def test_bn_aware_layer_starts_equal_to_a_folded_checkpoint():
 def test_progressive_init_from_a_checkpoint_saved_before_the_fold(tmp_path, digits_runs):
     """A QAT checkpoint that still holds its BatchNorms (BN-aware, not yet folded) initializes a
     lower-bit run with its folded weights: what its program computes."""
+    from lsqint.app.runs import holds_batchnorm, load_qat_model
+    from lsqint.app.workflow import digits_args, train_qat
     from lsqint.qat import freeze_batchnorm_
     from lsqint.qat.modules import QuantConv2d
-    from lsqint.runs import holds_batchnorm, load_qat_model
     from lsqint.train import load_checkpoint
-    from lsqint.workflow import digits_args, train_qat
 
     base = dict(seed=0, momentum=0.0, save_program=False)
     source = train_qat(

@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_runtimes_agree, random_qat_program
-from lsqint import QuantConfig, prepare_qat
-from lsqint.intprog import convert
+from conftest import assert_runtimes_agree, quantize, random_qat_program
+from lsqint import QuantConfig
 from lsqint.intprog.fixedpoint import requantize, rounding_shift
 from lsqint.models.common import Normalize
-from lsqint.qat import calibrate_
 from lsqint.runtime import CompiledProgram, native, run_reference
 
 kernels = native.kernels()
@@ -114,9 +112,8 @@ def _convs_program(bits: int, seed: int = 0):
     torch.manual_seed(seed)
     model = Convs().eval()
     images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(bits, bits), images)
-    calibrate_(qat, images)
-    return convert(qat), images.numpy()
+    _, program = quantize(model, QuantConfig(bits, bits), images)
+    return program, images.numpy()
 
 
 @needs_onednn
@@ -205,7 +202,9 @@ def test_without_cpu_kernels_the_float_paths_run_and_agree(bits):
 def test_batches_run_in_chunks_with_the_same_integers():
     _, program, images = random_qat_program("resnet20", QuantConfig(4, 4), seed=11)
     compiled = CompiledProgram(program)
-    assert compiled.chunk == 64  # resnet20 at 32x32: 16x32x32 float32 = 64 KiB per image
+    # The chunk is the most images whose largest activation (as float32) fits the cache budget.
+    largest = 4 * max(int(np.prod(spec.shape)) for spec in program.tensors.values())
+    assert compiled.chunk * largest <= 4 << 20 < (compiled.chunk + 1) * largest
     x = np.random.default_rng(3).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
     compiled.chunk = 3  # 3 + 3 + 1 images
     assert np.array_equal(compiled(x), run_reference(program, x))

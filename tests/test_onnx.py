@@ -117,7 +117,7 @@ def test_digits_program_exports_and_runs_exactly(tmp_path, digits_runs):
 
 
 def test_export_cli_writes_a_checked_model(tmp_path, digits_runs):
-    from lsqint.cli import main
+    from lsqint.app.cli import main
 
     out = tmp_path / "m.onnx"
     assert main(["export", "--program", digits_runs["qat"]["program"], "--onnx", str(out)]) == 0
@@ -157,7 +157,7 @@ def test_qdq_export_refuses_sub_8_bit_programs(digits_runs):
 def test_infer_runs_on_onnx_runtime(tmp_path, digits_runs, runtime):
     import json
 
-    from lsqint.cli import main
+    from lsqint.app.cli import main
 
     out = tmp_path / "r.json"
     args = [

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import assert_runtimes_agree, randomize_bn_
+from conftest import assert_runtimes_agree, quantize, randomize_bn_
 from lsqint import QuantConfig, prepare_qat
-from lsqint.intprog import ProgramError, convert, verify
+from lsqint.intprog import ProgramError, verify
 from lsqint.intprog.artifact import load, save
-from lsqint.intprog.program import adaptive_windows
+from lsqint.intprog.ops import adaptive_windows
 from lsqint.models import Normalize
-from lsqint.qat import UnsupportedOpError, calibrate_
+from lsqint.qat import UnsupportedOpError
 from lsqint.runtime import run
 
 try:
@@ -56,9 +56,8 @@ def _program(bits, seed=0, size=(7, 9)):
     torch.manual_seed(seed)
     model = FireAndMeans().eval()
     images = torch.randint(0, 256, (4, 3, *size), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(*bits), images)
-    calibrate_(qat, images)
-    return qat, convert(qat), images
+    qat, program = quantize(model, QuantConfig(*bits), images)
+    return qat, program, images
 
 
 @pytest.mark.parametrize("bits", [(2, 2), (3, 5), (4, 4), (8, 8)])
@@ -95,9 +94,7 @@ def test_concat_of_unsigned_codes_stays_unsigned():
             return self.fc(y.flatten(1))
 
     images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
-    qat = prepare_qat(TwoRelu().eval(), QuantConfig(4, 4, first_last_bits=None), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(TwoRelu().eval(), QuantConfig(4, 4, first_last_bits=None), images)
     concat = next(n for n in program.nodes if n.op == "concat")
     assert (program.tensors[concat.output].qmin, program.tensors[concat.output].qmax) == (0, 15)
     assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
@@ -156,9 +153,7 @@ def test_adaptive_pooling_with_uneven_windows_is_exact(size, out_size):
     torch.manual_seed(0)
     model = AdaptivePool(out_size).eval()
     images = torch.randint(0, 256, (3, 3, size[0] + 2, size[1] + 2), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(4, 4), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(4, 4), images)
     pool = next(n for n in program.nodes if n.op == "adaptive_avgpool2d")
     rows = {e - s for s, e in adaptive_windows(size[0], out_size[0])}
     cols = {e - s for s, e in adaptive_windows(size[1], out_size[1])}
@@ -207,9 +202,7 @@ def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits, tmp_pat
     torch.manual_seed(bits[1])
     model = Nonlinear().eval()
     images = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(*bits), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(*bits), images)
     ops = [n.op for n in program.nodes]
     assert ops.count("lut") == 8 and ops.count("mul") == 2
     save(program, tmp_path / "p.intprog.safetensors")  # tables survive the file format
@@ -236,9 +229,7 @@ def test_lookup_tables_and_gates_equal_reference_and_the_qat_model(bits, tmp_pat
 def test_lookup_table_of_a_tampered_program_is_refused():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
-    qat = prepare_qat(Nonlinear().eval(), QuantConfig(4, 4), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(Nonlinear().eval(), QuantConfig(4, 4), images)
     bad = copy.deepcopy(program)
     lut = next(n for n in bad.nodes if n.op == "lut")
     lut.params["table"] = lut.params["table"][:-1]
@@ -283,9 +274,7 @@ def test_data_movement_equals_reference_on_every_runtime(bits, tmp_path):
     torch.manual_seed(bits[0])
     model = ShuffleBlock().eval()
     images = torch.randint(0, 256, (3, 3, 5, 4), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(*bits), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(*bits), images)
     save(program, tmp_path / "p.intprog.safetensors")
     program = load(tmp_path / "p.intprog.safetensors")  # shapes, perms and ranges survive the file
     ops = [n.op for n in program.nodes]
@@ -341,9 +330,7 @@ def test_batchnorm_without_a_conv_before_it_is_an_exact_affine(bits):
     with torch.no_grad():
         model.norm1.weight[0] = -0.7
     images = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(*bits), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(*bits), images)
     assert [n.op for n in program.nodes].count("affine") == 2
     fresh = np.random.default_rng(2).integers(0, 256, (4, 3, 6, 5), dtype=np.uint8)
     for batch in (images.numpy(), fresh):
@@ -369,9 +356,7 @@ def test_model_ending_in_pooling_gives_8_bit_code_logits():
     ).eval()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
-    qat = prepare_qat(model, QuantConfig(2, 2), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(model, QuantConfig(2, 2), images)
     assert program.output_spec.dtype == "uint8" and program.output_spec.qmax == 255
     logits = assert_runtimes_agree(program, images.numpy(), runtimes=RUNTIMES)
     assert logits.dtype == np.int32 and logits.shape == (4, 5)
@@ -394,9 +379,7 @@ def test_functional_pooling_with_keywords_converts():
             return self.fc(torch.flatten(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1), 1))
 
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    qat = prepare_qat(Pool().eval(), QuantConfig(), images)
-    calibrate_(qat, images)
-    program = convert(qat)
+    qat, program = quantize(Pool().eval(), QuantConfig(), images)
     pool = next(n for n in program.nodes if n.op == "avgpool2d")
     assert (pool.attrs["kernel"], pool.attrs["stride"], pool.attrs["padding"]) == (
         [3, 3],

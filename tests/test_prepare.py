@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from conftest import assert_runtimes_agree, random_qat_program, randomize_bn_
+from conftest import assert_runtimes_agree, quantize, random_qat_program, randomize_bn_
 from lsqint import QuantConfig, prepare_qat
-from lsqint.intprog import convert
 from lsqint.models import MODELS, create_model
 from lsqint.qat import (
     QuantConv2d,
@@ -16,6 +15,7 @@ from lsqint.qat import (
     node_kind,
     quantizers,
 )
+from lsqint.qat.convert import convert
 from lsqint.qat.graph import trace
 from lsqint.qat.prepare import fold_batchnorm_, quantizer_feeding
 from lsqint.quant import LSQQuantizer
@@ -301,11 +301,9 @@ def test_a_signed_residual_stream_is_requantized_exactly_for_the_convs_that_read
     torch.manual_seed(4)
     model = randomize_bn_(_LinearBottleneckNet(), seed=4).eval()
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    qat = prepare_qat(
+    qat, program = quantize(
         model, QuantConfig(2, 2, residual_bits=8), images, normalize=([0.5] * 3, [0.25] * 3)
     )
-    calibrate_(qat, images)
-    program = convert(qat.eval())
     streams = [n for n in program.nodes if n.op == "affine"]
     assert len(streams) == 2  # the stem's output and the first block's sum
     for node in streams:

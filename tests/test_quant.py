@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lsqint.errors import UsageError
 from lsqint.quant import LSQQuantizer, code_range, init_scale, lsq_fake_quant
 
 
@@ -182,7 +183,7 @@ def test_quantizer_state_survives_save_and_load():
 
 def test_uninitialized_quantizer_refuses_eval():
     q = LSQQuantizer(4, signed=True).eval()
-    with pytest.raises(RuntimeError, match="initialized"):
+    with pytest.raises(UsageError, match="initialized"):
         q(torch.randn(2, 3))
 
 

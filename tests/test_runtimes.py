@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import lsqint.errors
 from conftest import DEFAULT_RUNTIMES, assert_runtimes_agree, random_qat_program
 from lsqint import QuantConfig
 from lsqint.intprog import format_program
@@ -50,7 +51,7 @@ def test_integer_program_tracks_fake_quant_model():
 
 def test_program_takes_only_uint8_images():
     _, program, images = random_qat_program("digits_cnn", QuantConfig(), seed=0)
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(lsqint.errors.UsageError, match="uint8"):
         run(program, images.float().numpy())
     with pytest.raises(ValueError, match="shape"):
         run(program, images.numpy()[:, :, :4])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lsqint import sweep as sweep_module
-from lsqint.sweep import parse_pairs, sweep
-from lsqint.workflow import digits_args
+from lsqint.app import sweep as sweep_module
+from lsqint.app.sweep import parse_pairs, sweep
+from lsqint.app.workflow import digits_args
 
 ARGS = digits_args()
 

@@ -1,16 +1,48 @@
 """lsqint: LSQ quantization-aware training at 2-8 bits and integer-only inference for CNNs.
 
 float nn.Module --prepare_qat--> QAT model --convert--> IntProgram --run/save/export_onnx-->
+
+Names are loaded on first use: ``lsqint.load`` and ``lsqint.run(..., runtime="reference")``
+need numpy only; the training side (``prepare_qat``, ``convert``, ``models``) imports torch.
 """
 
-from . import data, models  # noqa: F401  (public subpackages)
-from .intprog import IntProgram, convert, verify
-from .intprog.artifact import load, save
-from .qat import QuantConfig, prepare_qat
-from .runtime import compile_program as compile  # noqa: A004  (lsqint.compile, not the builtin)
-from .runtime import run
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute); attribute None: the module itself
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "IntProgram": ("lsqint.intprog.program", "IntProgram"),
+    "verify": ("lsqint.intprog.verify", "verify"),
+    "load": ("lsqint.intprog.artifact", "load"),
+    "save": ("lsqint.intprog.artifact", "save"),
+    "run": ("lsqint.runtime", "run"),
+    "compile": ("lsqint.runtime", "compile_program"),
+    "LsqintError": ("lsqint.errors", "LsqintError"),
+    "errors": ("lsqint.errors", None),
+    "QuantConfig": ("lsqint.qat.config", "QuantConfig"),
+    "prepare_qat": ("lsqint.qat.prepare", "prepare_qat"),
+    "convert": ("lsqint.qat.convert", "convert"),
+    "models": ("lsqint.models", None),
+    "data": ("lsqint.data", None),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lsqint' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 def export_onnx(program, path, **kwargs):
@@ -20,17 +52,4 @@ def export_onnx(program, path, **kwargs):
     return _export(program, path, **kwargs)
 
 
-__all__ = [
-    "IntProgram",
-    "QuantConfig",
-    "__version__",
-    "compile",
-    "convert",
-    "export_onnx",
-    "load",
-    "models",
-    "prepare_qat",
-    "run",
-    "save",
-    "verify",
-]
+__all__ = sorted([*_LAZY, "__version__", "export_onnx"])

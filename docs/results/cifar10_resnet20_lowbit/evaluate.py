@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from lsqint.data import load_data
-from lsqint.evaluation import float_accuracy, images_and_labels
-from lsqint.sweep import _evaluate, plot
+from lsqint.app.evaluation import float_accuracy, images_and_labels
+from lsqint.app.sweep import _evaluate, plot
 
 HERE = Path(__file__).parent
 FLOAT = "../shared/models/cifar10_resnet20_float.pt"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DatasetError
 from .memory import ImageSet, TensorLoader
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -31,10 +32,6 @@ ROOT_ENV = {
     "folder": "DATA_ROOT",
 }
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagenet", "tiny-imagenet", "folder")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be found or read; the message says how to fix it."""
 
 
 @dataclass
@@ -270,8 +267,12 @@ class StreamLoader:
 
         self.device = torch.device(device)
         self.epoch = 0
-        self.sampler = DistributedSampler(
-            dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train
+        # Training: DistributedSampler's shuffled, equal shards. Validation: every image exactly
+        # once (DistributedSampler would pad the last shard with repeats, counted twice).
+        self.sampler = (
+            DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+            if train
+            else _Shard(len(dataset), rank, world_size)
         )
         self.loader = DataLoader(
             dataset,
@@ -279,7 +280,8 @@ class StreamLoader:
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=train,
+            # A split smaller than one batch trains on what it has (one short batch).
+            drop_last=train and len(self.sampler) >= batch_size,
             persistent_workers=workers > 0,
         )
 
@@ -287,7 +289,8 @@ class StreamLoader:
         return len(self.loader)
 
     def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
         self.epoch += 1
         for images, labels in self.loader:
             yield (
@@ -300,3 +303,16 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
+
+
+class _Shard:
+    """Indices rank, rank + world, ... of a dataset: one rank's share, no repeats."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
+
 
 @dataclass
 class ImageSet:
@@ -24,12 +26,12 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
+            raise UsageError(
                 f"images must be uint8 (N, C, H, W), got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            raise UsageError(f"{len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,7 +89,10 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(range(self.rank, len(self.labels), self.world_size))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # A split smaller than one batch trains on what it has (one short batch) rather than
+        # on nothing.
+        drop_last = self.drop_last and n >= self.batch_size
+        return n // self.batch_size if drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
         order = self._indices().to(self.images.device)

@@ -21,13 +21,16 @@ the result does not depend on how a compiler shifts negative numbers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import ExportError
 from ..intprog.artifact import pack_bits
-from ..intprog.program import IntProgram
+from ..intprog.ops import Unsupported
+from ..intprog.program import IntProgram, Node
 from ..intprog.verify import verify
 
 C_TYPES = {"uint8": "uint8_t", "int8": "int8_t", "int32": "int32_t"}
@@ -282,7 +285,7 @@ _ARENA_NOTE = """\
 """
 
 
-class CExportError(ValueError):
+class CExportError(ExportError):
     """The program cannot be written as C (an op this generator has no kernel for)."""
 
 
@@ -371,208 +374,276 @@ def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
     return offsets, total
 
 
+class _Emitter:
+    """What the C lowerings of one program write into: constants, calls in order, the kernels
+    they use (each once per type combination) and the sizes the header reports."""
+
+    def __init__(self, program: IntProgram, offsets: dict[str, int]) -> None:
+        self.program = program
+        self.tensors = program.tensors
+        self.offsets = offsets
+        self.consts: list[str] = []
+        self.calls: list[str] = []
+        self.kernels: dict[str, str] = {}
+        self.scratch = 1
+        self.weight_bytes = 0
+        self.int8_bytes = 0
+
+    def ref(self, tensor: str) -> str:
+        spec = self.tensors[tensor]
+        if tensor == self.program.nodes[0].inputs[0]:
+            return "pixels"
+        return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {self.offsets[tensor]}))"
+
+    def kernel(self, op: str, **types: str) -> None:
+        text = _KERNELS[op]
+        for key, dtype in types.items():
+            text = text.replace("{" + key + "N}", _type_name(dtype))
+            text = text.replace("{" + key + "}", C_TYPES[dtype])
+        key = op + "".join(f"_{types[k]}" for k in sorted(types))
+        self.kernels.setdefault(key, text)
+
+
+def _c_affine(e: _Emitter, node: Node, tag: str) -> None:
+    a, p, out = node.attrs, node.params, e.tensors.get(node.output)
+    x = e.tensors[node.inputs[0]]
+    e.consts.append(_int64_array(f"{tag}_a", p["a"]))
+    e.consts.append(_int64_array(f"{tag}_b", p["b"]))
+    if node.op == "affine":  # a layer's parameters (the input's are the normalization)
+        e.weight_bytes += 16 * len(p["a"])
+        e.int8_bytes += 16 * len(p["a"])
+    e.kernel("affine", X=x.dtype, Y=out.dtype)
+    c, h, w = x.shape
+    e.calls.append(
+        f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({e.ref(node.inputs[0])}, "
+        f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(a['lo'])}, "
+        f"{_int64_literal(a['hi'])}, {e.ref(node.output)});"
+    )
+
+
+def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
+    a, p, out = node.attrs, node.params, e.tensors.get(node.output)
+    weight = np.asarray(p["weight"])
+    bits = int(a["weight_bits"])
+    packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
+    e.consts.append(_array("uint8_t", f"{tag}_w", packed.astype(np.uint8)))
+    e.consts.append(_array("int32_t", f"{tag}_bias", p["bias"]))
+    e.weight_bytes += packed.size + 4 * p["bias"].size
+    e.int8_bytes += weight.size + 4 * p["bias"].size
+    x = e.tensors[node.inputs[0]]
+    row = int(np.prod(weight.shape[1:]))
+    e.scratch = max(e.scratch, row)
+    if node.op == "conv2d":
+        e.kernel("conv2d", X=x.dtype)
+        cin, h, w = x.shape
+        cout, oh, ow = out.shape
+        kh, kw = weight.shape[2:]
+        e.calls.append(
+            f"lq_conv_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {cin}, {h}, {w}, "
+            f"{tag}_w, {bits}, {tag}_bias, {e.ref(node.output)}, {cout}, {oh}, {ow}, "
+            f"{kh}, {kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, "
+            f"{a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
+            f"{a['groups']}, lq_row);"
+        )
+    else:
+        e.kernel("linear", X=x.dtype)
+        e.calls.append(
+            f"lq_linear_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {weight.shape[1]}, "
+            f"{tag}_w, {bits}, {tag}_bias, {e.ref(node.output)}, {weight.shape[0]}, lq_row);"
+        )
+
+
+def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
+    a, p, out = node.attrs, node.params, e.tensors.get(node.output)
+    m = np.asarray(p["m"]).ravel()
+    t = np.asarray(p["shift"]).ravel()
+    e.consts.append(_array("int32_t", f"{tag}_m", m))
+    e.consts.append(_array("int8_t", f"{tag}_t", t))
+    e.weight_bytes += 5 * m.size
+    e.int8_bytes += 5 * m.size
+    e.kernel("requantize", Y=out.dtype)
+    shape = out.shape
+    channels = shape[0]
+    plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    e.calls.append(
+        f"lq_requantize_{_type_name(out.dtype)}({e.ref(node.inputs[0])}, {channels}, "
+        f"{plane}, {tag}_m, {tag}_t, {int(m.size > 1)}, {_int64_literal(a['lo'])}, "
+        f"{_int64_literal(a['hi'])}, {e.ref(node.output)});"
+    )
+
+
+def _c_add(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    xa, xb = (e.tensors[n] for n in node.inputs)
+    e.kernel("add", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+    e.calls.append(
+        f"lq_add_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
+        f"{e.ref(node.inputs[0])}, {e.ref(node.inputs[1])}, {int(np.prod(out.shape))}, "
+        f"{_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, {a['shift']}, "
+        f"{_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, {e.ref(node.output)});"
+    )
+
+
+def _c_concat(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    # One image is (C, ...) channel-major: input i fills the channel block after the
+    # blocks of the inputs before it.
+    start = 0
+    for part, m in zip(node.inputs, a["m"], strict=True):
+        x = e.tensors[part]
+        e.kernel("concat", X=x.dtype, Y=out.dtype)
+        size = int(np.prod(x.shape))
+        e.calls.append(
+            f"lq_concat_{_type_name(x.dtype)}_{_type_name(out.dtype)}({e.ref(part)}, "
+            f"{size}, {_int64_literal(m)}, {a['shift']}, {_int64_literal(a['lo'])}, "
+            f"{_int64_literal(a['hi'])}, {e.ref(node.output)} + {start});"
+        )
+        start += size
+
+
+def _c_maxpool(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    x = e.tensors[node.inputs[0]]
+    e.kernel("maxpool2d", X=x.dtype)
+    c, h, w = x.shape
+    _, oh, ow = out.shape
+    e.calls.append(
+        f"lq_maxpool_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {c}, {h}, {w}, "
+        f"{e.ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
+        f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, "
+        f"{a['dilation'][0]}, {a['dilation'][1]});"
+    )
+
+
+def _c_avgpool(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    x = e.tensors[node.inputs[0]]
+    e.kernel("avgpool2d", X=x.dtype)
+    c, h, w = x.shape
+    _, oh, ow = out.shape
+    e.calls.append(
+        f"lq_avgsum_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {c}, {h}, {w}, "
+        f"{e.ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
+        f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]});"
+    )
+
+
+def _c_mul(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    xa, xb = (e.tensors[n] for n in node.inputs)
+    e.kernel("mul", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+    dims_a = (list(xa.shape) + [1, 1])[:3]
+    dims_b = (list(xb.shape) + [1, 1])[:3]
+    e.calls.append(
+        f"lq_mul_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
+        f"{e.ref(node.inputs[0])}, {e.ref(node.inputs[1])}, {dims_a[0]}, {dims_a[1]}, "
+        f"{dims_a[2]}, {dims_b[0]}, {dims_b[1]}, {dims_b[2]}, {_int64_literal(a['m'])}, "
+        f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
+        f"{e.ref(node.output)});"
+    )
+
+
+def _c_lut(e: _Emitter, node: Node, tag: str) -> None:
+    a, p, out = node.attrs, node.params, e.tensors.get(node.output)
+    x = e.tensors[node.inputs[0]]
+    table = np.asarray(p["table"])
+    e.consts.append(_array(C_TYPES[out.dtype], f"{tag}_table", table))
+    e.weight_bytes += table.size
+    e.int8_bytes += table.size
+    e.kernel("lut", X=x.dtype, Y=out.dtype)
+    e.calls.append(
+        f"lq_lut_{_type_name(x.dtype)}_{_type_name(out.dtype)}({e.ref(node.inputs[0])}, "
+        f"{int(np.prod(x.shape))}, {tag}_table, {a['offset']}, {e.ref(node.output)});"
+    )
+
+
+def _c_adaptive_avgpool(e: _Emitter, node: Node, tag: str) -> None:
+    a = node.attrs
+    x = e.tensors[node.inputs[0]]
+    e.kernel("adaptive_avgpool2d", X=x.dtype)
+    c, h, w = x.shape
+    e.calls.append(
+        f"lq_adaptive_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {c}, {h}, {w}, "
+        f"{e.ref(node.output)}, {a['out_size'][0]}, {a['out_size'][1]}, {a['lcm']});"
+    )
+
+
+def _c_same_bytes(e: _Emitter, node: Node, tag: str) -> None:
+    e.calls.append(f"/* {node.op}: the same bytes as its input */")
+
+
+def _c_transpose(e: _Emitter, node: Node, tag: str) -> None:
+    a, out = node.attrs, e.tensors.get(node.output)
+    x = e.tensors[node.inputs[0]]
+    e.kernel("transpose", X=x.dtype)
+    strides = [int(np.prod(x.shape[k + 1 :])) for k in range(len(x.shape))]
+    e.consts.append(_array("int32_t", f"{tag}_dims", [out.shape[k] for k in range(len(out.shape))]))
+    e.consts.append(_array("int32_t", f"{tag}_strides", [strides[q] for q in a["perm"]]))
+    e.calls.append(
+        f"lq_transpose_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {e.ref(node.output)}, "
+        f"{len(x.shape)}, {tag}_dims, {tag}_strides);"
+    )
+
+
+def _c_slice(e: _Emitter, node: Node, tag: str) -> None:
+    a = node.attrs
+    x = e.tensors[node.inputs[0]]
+    e.kernel("slice", X=x.dtype)
+    axis = a["axis"]
+    outer = int(np.prod(x.shape[:axis]))
+    inner = int(np.prod(x.shape[axis + 1 :]))
+    e.calls.append(
+        f"lq_slice_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {e.ref(node.output)}, "
+        f"{outer}, {x.shape[axis]}, {a['start']}, {a['end']}, {inner});"
+    )
+
+
+def _c_output(e: _Emitter, node: Node, tag: str) -> None:
+    src = e.tensors[node.inputs[0]]
+    n = int(np.prod(src.shape))
+    e.calls.append(f"for (i = 0; i < {n}; i++) logits[i] = (int32_t){e.ref(node.inputs[0])}[i];")
+
+
+# The C lowering of each op of the registry (intprog.ops), or Unsupported with the reason.
+LOWERINGS: dict[str, Callable | Unsupported] = {
+    "input": _c_affine,  # the affine rule on pixels: one kernel for both
+    "affine": _c_affine,
+    "conv2d": _c_layer,
+    "linear": _c_layer,
+    "requantize": _c_requantize,
+    "add": _c_add,
+    "concat": _c_concat,
+    "mul": _c_mul,
+    "lut": _c_lut,
+    "maxpool2d": _c_maxpool,
+    "avgpool2d": _c_avgpool,
+    "adaptive_avgpool2d": _c_adaptive_avgpool,
+    "flatten": _c_same_bytes,
+    "reshape": _c_same_bytes,
+    "transpose": _c_transpose,
+    "slice": _c_slice,
+    "output": _c_output,
+}
+
+
 def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExport]:
     """(header text, source text, sizes) for ``program``; ``export_c`` writes them."""
     verify(program)
     name = c_identifier(name)
     upper = name.upper()
     offsets, arena = plan_arena(program)
-    tensors = program.tensors
-    consts: list[str] = []
-    calls: list[str] = []
-    kernels: dict[str, str] = {}
-    scratch = 1
-    weight_bytes = int8_bytes = 0
-
-    def ref(tensor: str) -> str:
-        spec = tensors[tensor]
-        if tensor == program.nodes[0].inputs[0]:
-            return "pixels"
-        return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {offsets[tensor]}))"
-
-    def kernel(op: str, **types: str) -> None:
-        text = _KERNELS[op]
-        for key, dtype in types.items():
-            text = text.replace("{" + key + "N}", _type_name(dtype))
-            text = text.replace("{" + key + "}", C_TYPES[dtype])
-        key = op + "".join(f"_{types[k]}" for k in sorted(types))
-        kernels.setdefault(key, text)
-
+    e = _Emitter(program, offsets)
     for index, node in enumerate(program.nodes):
-        a, p = node.attrs, node.params
-        tag = f"n{index}"
-        out = tensors.get(node.output)
-        if node.op in ("input", "affine"):
-            # The input op is the affine rule on pixels: one kernel for both.
-            x = tensors[node.inputs[0]]
-            consts.append(_int64_array(f"{tag}_a", p["a"]))
-            consts.append(_int64_array(f"{tag}_b", p["b"]))
-            if node.op == "affine":  # a layer's parameters (the input's are the normalization)
-                weight_bytes += 16 * len(p["a"])
-                int8_bytes += 16 * len(p["a"])
-            lo, hi = (a["qmin"], a["qmax"]) if node.op == "input" else (a["lo"], a["hi"])
-            kernel("affine", X=x.dtype, Y=out.dtype)
-            c, h, w = x.shape
-            calls.append(
-                f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
-                f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(lo)}, "
-                f"{_int64_literal(hi)}, {ref(node.output)});"
-            )
-        elif node.op in ("conv2d", "linear"):
-            weight = np.asarray(p["weight"])
-            bits = int(a["weight_bits"])
-            packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
-            consts.append(_array("uint8_t", f"{tag}_w", packed.astype(np.uint8)))
-            consts.append(_array("int32_t", f"{tag}_bias", p["bias"]))
-            weight_bytes += packed.size + 4 * p["bias"].size
-            int8_bytes += weight.size + 4 * p["bias"].size
-            x = tensors[node.inputs[0]]
-            row = int(np.prod(weight.shape[1:]))
-            scratch = max(scratch, row)
-            if node.op == "conv2d":
-                kernel("conv2d", X=x.dtype)
-                cin, h, w = x.shape
-                cout, oh, ow = out.shape
-                kh, kw = weight.shape[2:]
-                calls.append(
-                    f"lq_conv_{_type_name(x.dtype)}({ref(node.inputs[0])}, {cin}, {h}, {w}, "
-                    f"{tag}_w, {bits}, {tag}_bias, {ref(node.output)}, {cout}, {oh}, {ow}, "
-                    f"{kh}, {kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, "
-                    f"{a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
-                    f"{a['groups']}, lq_row);"
-                )
-            else:
-                kernel("linear", X=x.dtype)
-                calls.append(
-                    f"lq_linear_{_type_name(x.dtype)}({ref(node.inputs[0])}, {weight.shape[1]}, "
-                    f"{tag}_w, {bits}, {tag}_bias, {ref(node.output)}, {weight.shape[0]}, lq_row);"
-                )
-        elif node.op == "requantize":
-            m = np.asarray(p["m"]).ravel()
-            t = np.asarray(p["t"]).ravel()
-            consts.append(_array("int32_t", f"{tag}_m", m))
-            consts.append(_array("int8_t", f"{tag}_t", t))
-            weight_bytes += 5 * m.size
-            int8_bytes += 5 * m.size
-            kernel("requantize", Y=out.dtype)
-            shape = out.shape
-            channels = shape[0]
-            plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            calls.append(
-                f"lq_requantize_{_type_name(out.dtype)}({ref(node.inputs[0])}, {channels}, "
-                f"{plane}, {tag}_m, {tag}_t, {int(m.size > 1)}, {_int64_literal(a['lo'])}, "
-                f"{_int64_literal(a['hi'])}, {ref(node.output)});"
-            )
-        elif node.op == "add":
-            xa, xb = (tensors[n] for n in node.inputs)
-            kernel("add", A=xa.dtype, B=xb.dtype, Y=out.dtype)
-            calls.append(
-                f"lq_add_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
-                f"{ref(node.inputs[0])}, {ref(node.inputs[1])}, {int(np.prod(out.shape))}, "
-                f"{_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, {a['shift']}, "
-                f"{_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, {ref(node.output)});"
-            )
-        elif node.op == "concat":
-            # One image is (C, ...) channel-major: input i fills the channel block after the
-            # blocks of the inputs before it.
-            start = 0
-            for part, m in zip(node.inputs, a["m"], strict=True):
-                x = tensors[part]
-                kernel("concat", X=x.dtype, Y=out.dtype)
-                size = int(np.prod(x.shape))
-                calls.append(
-                    f"lq_concat_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(part)}, "
-                    f"{size}, {_int64_literal(m)}, {a['shift']}, {_int64_literal(a['lo'])}, "
-                    f"{_int64_literal(a['hi'])}, {ref(node.output)} + {start});"
-                )
-                start += size
-        elif node.op == "maxpool2d":
-            x = tensors[node.inputs[0]]
-            kernel("maxpool2d", X=x.dtype)
-            c, h, w = x.shape
-            _, oh, ow = out.shape
-            calls.append(
-                f"lq_maxpool_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
-                f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
-                f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]}, "
-                f"{a['dilation'][0]}, {a['dilation'][1]});"
-            )
-        elif node.op == "avgpool2d":
-            x = tensors[node.inputs[0]]
-            kernel("avgpool2d", X=x.dtype)
-            c, h, w = x.shape
-            _, oh, ow = out.shape
-            calls.append(
-                f"lq_avgsum_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
-                f"{ref(node.output)}, {oh}, {ow}, {a['kernel'][0]}, {a['kernel'][1]}, "
-                f"{a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, {a['padding'][1]});"
-            )
-        elif node.op == "mul":
-            xa, xb = (tensors[n] for n in node.inputs)
-            kernel("mul", A=xa.dtype, B=xb.dtype, Y=out.dtype)
-            dims_a = (list(xa.shape) + [1, 1])[:3]
-            dims_b = (list(xb.shape) + [1, 1])[:3]
-            calls.append(
-                f"lq_mul_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
-                f"{ref(node.inputs[0])}, {ref(node.inputs[1])}, {dims_a[0]}, {dims_a[1]}, "
-                f"{dims_a[2]}, {dims_b[0]}, {dims_b[1]}, {dims_b[2]}, {_int64_literal(a['m'])}, "
-                f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
-                f"{ref(node.output)});"
-            )
-        elif node.op == "lut":
-            x = tensors[node.inputs[0]]
-            table = np.asarray(p["table"])
-            consts.append(_array(C_TYPES[out.dtype], f"{tag}_table", table))
-            weight_bytes += table.size
-            int8_bytes += table.size
-            kernel("lut", X=x.dtype, Y=out.dtype)
-            calls.append(
-                f"lq_lut_{_type_name(x.dtype)}_{_type_name(out.dtype)}({ref(node.inputs[0])}, "
-                f"{int(np.prod(x.shape))}, {tag}_table, {a['offset']}, {ref(node.output)});"
-            )
-        elif node.op == "adaptive_avgpool2d":
-            x = tensors[node.inputs[0]]
-            kernel("adaptive_avgpool2d", X=x.dtype)
-            c, h, w = x.shape
-            calls.append(
-                f"lq_adaptive_{_type_name(x.dtype)}({ref(node.inputs[0])}, {c}, {h}, {w}, "
-                f"{ref(node.output)}, {a['out_size'][0]}, {a['out_size'][1]}, {a['lcm']});"
-            )
-        elif node.op in ("flatten", "reshape"):
-            calls.append(f"/* {node.op}: the same bytes as its input */")
-        elif node.op == "transpose":
-            x = tensors[node.inputs[0]]
-            kernel("transpose", X=x.dtype)
-            strides = [int(np.prod(x.shape[k + 1 :])) for k in range(len(x.shape))]
-            consts.append(
-                _array("int32_t", f"{tag}_dims", [out.shape[k] for k in range(len(out.shape))])
-            )
-            consts.append(_array("int32_t", f"{tag}_strides", [strides[q] for q in a["perm"]]))
-            calls.append(
-                f"lq_transpose_{_type_name(x.dtype)}({ref(node.inputs[0])}, {ref(node.output)}, "
-                f"{len(x.shape)}, {tag}_dims, {tag}_strides);"
-            )
-        elif node.op == "slice":
-            x = tensors[node.inputs[0]]
-            kernel("slice", X=x.dtype)
-            axis = a["axis"]
-            outer = int(np.prod(x.shape[:axis]))
-            inner = int(np.prod(x.shape[axis + 1 :]))
-            calls.append(
-                f"lq_slice_{_type_name(x.dtype)}({ref(node.inputs[0])}, {ref(node.output)}, "
-                f"{outer}, {x.shape[axis]}, {a['start']}, {a['end']}, {inner});"
-            )
-        elif node.op == "output":
-            src = tensors[node.inputs[0]]
-            n = int(np.prod(src.shape))
-            calls.append(
-                f"for (i = 0; i < {n}; i++) logits[i] = (int32_t){ref(node.inputs[0])}[i];"
-            )
-        else:
+        lower = LOWERINGS.get(node.op)
+        if not callable(lower):
+            why = lower.reason if isinstance(lower, Unsupported) else "not in its table"
             raise CExportError(
-                f"node {node.name!r}: op {node.op!r} has no C kernel; export this program to "
-                "ONNX instead, or add the op to lsqint.export.c_code"
+                f"node {node.name!r}: op {node.op!r} has no C kernel ({why}); export this "
+                "program to ONNX instead, or add the op to lsqint.export.c_code"
             )
+        lower(e, node, f"n{index}")
+    consts, calls, kernels, scratch = e.consts, e.calls, e.kernels, e.scratch
+    weight_bytes, int8_bytes = e.weight_bytes, e.int8_bytes
     in_c, in_h, in_w = program.input_spec.shape
     classes = program.num_classes()
     header = f"""/* {name}: an lsqint integer program as C99, from `lsqint export --format c`.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ToolError
 from ..intprog.program import IntProgram
 from .c_code import export_c
 
@@ -32,7 +33,7 @@ MEMORY = """MEMORY
 """
 
 
-class McuToolError(RuntimeError):
+class McuToolError(ToolError):
     """The Arm toolchain or qemu is missing, or building/running the firmware failed."""
 
 

@@ -20,10 +20,10 @@ uint8 x uint8 on every CPU.
 Two faster forms keep the bit-exactness by proof instead of by integer operators:
 
     int-float     each rounding step as float32/float64 Cast, Mul, Add, Floor, Clip where
-                  ``runtime.exact_float`` proves it (the torch runtime's arithmetic)
+                  ``intprog.exact_float`` proves it (the torch runtime's arithmetic)
     qlinear       each conv2d + requantize as one QLinearConv (ONNX Runtime's int8 kernels, as a
                   QDQ model runs) and each rounding step as DequantizeLinear, Add, QuantizeLinear,
-                  Clip, where ``runtime.exact_float.qlinear_layer_plan`` / the ``rne`` plans prove
+                  Clip, where ``intprog.exact_float.qlinear_layer_plan`` / the ``rne`` plans prove
                   them; signed codes travel as uint8 code + 128 between such ops
 
 The qlinear proofs model ONNX Runtime's x86-64 CPU kernels (MLAS): the int32 accumulator, no
@@ -40,16 +40,17 @@ B that verify() recorded, ``v = acc * m + 2^(t-1) + K * 2^t`` with
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
-from ..runtime.exact_float import add_plans, channel_plans, qlinear_layer_plan
+from ..errors import ExportError
+from ..intprog.exact_float import add_plans, channel_plans, qlinear_layer_plan
+from ..intprog.fixedpoint import half
+from ..intprog.ops import Unsupported, adaptive_pool_matrix
+from ..intprog.program import IntProgram, Node
 
 OPSET = 17
-
-
-class ExportError(ValueError):
-    """A program this exporter cannot express."""
 
 
 def _require_onnx():
@@ -236,10 +237,10 @@ def _qlinear_conv(g: _Graph, conv: Node, req: Node) -> bool:
     Exactness rests on: (1) the int32 accumulation, which no ONNX Runtime kernel saturates when
     weights are uint8 (u8 x u8 kernels widen to 16 bits first) or when every pair of int8-weight
     products fits int16 (checked here from the codes' range and the layer's actual weights); (2)
-    the float requantize, proven per channel in ``runtime.exact_float``."""
+    the float requantize, proven per channel in ``intprog.exact_float``."""
     p, a = g.program, conv.attrs
     x_spec, out_spec = p.tensors[conv.inputs[0]], p.tensors[req.output]
-    m, t = req.params["m"], req.params["t"]
+    m, t = req.params["m"], req.params["shift"]
     lo, hi, bound = req.attrs["lo"], req.attrs["hi"], int(a["acc_bound"])
     signed_out = out_spec.dtype == "int8"
     out_min, out_max = (-128, 127) if signed_out else (0, 255)
@@ -301,7 +302,7 @@ def _clip_uint8(g: _Graph, y: str, lo: int, hi: int, signed: bool, out: str) -> 
 
 
 def _dq_step(g: _Graph, terms, C, lo: int, hi: int, out: str) -> None:
-    """A float32 rounding step (a proven ``rne`` plan of ``runtime.exact_float``) as ONNX
+    """A float32 rounding step (a proven ``rne`` plan of ``intprog.exact_float``) as ONNX
     Runtime's own quantization ops: DequantizeLinear gives fl((x - zero point) * M) per input
     (one rounding, as the proof assumes), then Add, Add C, QuantizeLinear (scale 1: round half to
     even, saturate) and Clip. ``terms``: (program tensor, M) pairs, M a scalar or per channel."""
@@ -323,70 +324,72 @@ def _dq_step(g: _Graph, terms, C, lo: int, hi: int, out: str) -> None:
     _clip_uint8(g, q, lo, hi, signed, _uint8_output(g, out))
 
 
-def _qlinear_step(g: _Graph, node: Node) -> bool:
-    """add, requantize, input and affine as ``_dq_step`` where a float32 ``rne`` plan is proven;
-    False leaves the node to ``_lower``."""
+def _per_channel(plan, ndim: int):
+    """(M, C) of a ``channel_plans`` result: scalars when one plan covers every channel."""
+    M, C = plan[:2]
+    if len(M) == 1:
+        return M[0], C[0]
+    return M, C.reshape(_channel_shape(ndim, len(C)))
+
+
+def _qlinear_add(g: _Graph, node: Node) -> bool:
     p, a = g.program, node.attrs
-    rne = {"dtypes": (np.float32,), "rounding": "rne"}
-    x = node.inputs[0]
-    ndim = len(p.tensors[node.output].shape) + 1 if node.output in p.tensors else 4
-
-    def per_channel(plan):
-        M, C = plan[:2]
-        if len(M) == 1:
-            return M[0], C[0]
-        return M, C.reshape(_channel_shape(ndim, len(C)))
-
-    if node.op == "add":
-        ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
-        plan = add_plans(a["m_a"], a["m_b"], a["shift"], a["lo"], a["hi"], *ranges, **rne)
-        if plan:
-            terms = list(zip(node.inputs, plan[:2], strict=True))
-            _dq_step(g, terms, plan[2], a["lo"], a["hi"], node.output)
-        return bool(plan)
-    if node.op == "requantize" and x in g.bounds:
-        m, t, bound = node.params["m"], node.params["t"], g.bounds[x]
-        plan = channel_plans(m, np.zeros_like(m), t, a["lo"], a["hi"], -bound, bound, **rne)
-    elif node.op == "input":
-        ca, cb = node.params["a"], node.params["b"]
-        ts = [a["shift"]] * len(ca)
-        plan = channel_plans(ca, cb, ts, a["qmin"], a["qmax"], 0, 255, **rne)
-        if plan:
-            M, C = per_channel(plan)
-            _dq_step(g, [(x, M)], C, a["qmin"], a["qmax"], node.output)
-        return bool(plan)
-    elif node.op == "affine":
-        ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x]
-        ts = [a["shift"]] * len(ca)
-        plan = channel_plans(ca, cb, ts, a["lo"], a["hi"], xs.qmin, xs.qmax, **rne)
-    else:
-        return False
+    ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
+    plan = add_plans(a["m_a"], a["m_b"], a["shift"], a["lo"], a["hi"], *ranges, **_RNE)
     if plan:
-        M, C = per_channel(plan)
+        terms = list(zip(node.inputs, plan[:2], strict=True))
+        _dq_step(g, terms, plan[2], a["lo"], a["hi"], node.output)
+    return bool(plan)
+
+
+def _qlinear_requantize(g: _Graph, node: Node) -> bool:
+    p, a, x = g.program, node.attrs, node.inputs[0]
+    if x not in g.bounds:
+        return False
+    m, t, bound = node.params["m"], node.params["shift"], g.bounds[x]
+    plan = channel_plans(m, np.zeros_like(m), t, a["lo"], a["hi"], -bound, bound, **_RNE)
+    if plan:
+        M, C = _per_channel(plan, len(p.tensors[node.output].shape) + 1)
         _dq_step(g, [(x, M)], C, a["lo"], a["hi"], node.output)
     return bool(plan)
 
 
-def _lower(g: _Graph, node: Node) -> None:
+def _qlinear_affine(g: _Graph, node: Node) -> bool:
+    """The input op (pixels) and the affine op (codes): one rule."""
+    p, a, x = g.program, node.attrs, node.inputs[0]
+    ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x]
+    ts = [a["shift"]] * len(ca)
+    plan = channel_plans(ca, cb, ts, a["lo"], a["hi"], xs.qmin, xs.qmax, **_RNE)
+    if plan:
+        M, C = _per_channel(plan, len(p.tensors[node.output].shape) + 1)
+        _dq_step(g, [(x, M)], C, a["lo"], a["hi"], node.output)
+    return bool(plan)
+
+
+_RNE = {"dtypes": (np.float32,), "rounding": "rne"}
+
+# The qlinear export's own lowerings: each returns False where no float32 ``rne`` plan is
+# proven, leaving the node to LOWERINGS. Ops not listed always take LOWERINGS' lowering.
+QLINEAR_STEPS: dict[str, Callable[[_Graph, Node], bool]] = {
+    "add": _qlinear_add,
+    "requantize": _qlinear_requantize,
+    "input": _qlinear_affine,
+    "affine": _qlinear_affine,
+}
+
+
+def _qlinear_step(g: _Graph, node: Node) -> bool:
+    step = QLINEAR_STEPS.get(node.op)
+    return step is not None and step(g, node)
+
+
+def _onnx_layer(g: _Graph, node: Node) -> None:
     p = g.program
-    spec = p.tensors.get(node.output)
     a = node.attrs
     x_name = node.inputs[0]
     x = g.t(x_name)
     out = g.t(node.output)
-    if node.op == "input":
-        t = a["shift"]
-        ca, cb = node.params["a"], node.params["b"]
-        cs = (1, len(ca), 1, 1)
-        ts, lo, hi = [t] * len(ca), a["qmin"], a["qmax"]
-        if _float_affine(g, x, ca, cb, ts, lo, hi, (0, 255), cs, out, spec.dtype):
-            return
-        acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "pa")
-        bound = 255 * int(np.abs(ca).max()) + int(np.abs(cb).max()) + (1 << (t - 1))
-        addend = (cb + (1 << (t - 1))).reshape(cs)
-        y = g.floor_shift(acc, np.array([t]), bound, 1, (), a["qmin"], a["qmax"], addend)
-        g.cast(y, spec.dtype, out)
-    elif node.op == "conv2d" and g.qlinear:
+    if node.op == "conv2d" and g.qlinear:
         # ConvInteger on the cached uint8 form of the input, its own padding (with the input's
         # zero point, i.e. code 0), uint8 weights (its int8-weight path measured 5x slower)
         xu, x_zero = g.uint8_form(x_name)
@@ -407,192 +410,302 @@ def _lower(g: _Graph, node: Node) -> None:
         bias = node.params["bias"].astype(np.int32).reshape(1, -1, 1, 1)
         g.op("Add", [acc, g.const(bias, "bias")], "acc", out)
         g.bounds[node.output] = int(a["acc_bound"])
-    elif node.op in ("conv2d", "linear"):
-        xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
-        wu = (node.params["weight"].astype(np.int16) + 128).astype(np.uint8)
-        wz = g.const(np.array(128, np.uint8), "wz")
-        bias = node.params["bias"].astype(np.int32)
-        if node.op == "conv2d":
-            ph, pw = a["padding"]
-            if ph or pw:
-                pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
-                xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
-            kh, kw = node.params["weight"].shape[2:]
-            acc = g.op(
-                "ConvInteger",
-                [xu, g.const(wu, "w"), xz, wz],
-                "conv",
-                strides=a["stride"],
-                dilations=a["dilation"],
-                group=a["groups"],
-                kernel_shape=[kh, kw],
-            )
-            bias = bias.reshape(1, -1, 1, 1)
-        else:
-            acc = g.op(
-                "MatMulInteger", [xu, g.const(np.ascontiguousarray(wu.T), "w"), xz, wz], "matmul"
-            )
-            bias = bias.reshape(1, -1)
-        g.op("Add", [acc, g.const(bias, "bias")], "acc", out)
-        g.bounds[node.output] = int(a["acc_bound"])
-    elif node.op == "requantize":
-        m, t = node.params["m"], node.params["t"]
-        ndim = len(p.tensors[x_name].shape) + 1
-        cs = _channel_shape(ndim, len(m))
-        bound = g.bounds[x_name]
-        zeros, lo, hi = np.zeros_like(m), a["lo"], a["hi"]
-        if _float_affine(g, x, m, zeros, t, lo, hi, (-bound, bound), cs, out, spec.dtype):
-            return
-        v = g.op(
-            "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
-        )
-        half = (np.int64(1) << (t - 1)).reshape(cs) if cs else np.int64(1 << (int(t[0]) - 1))
-        y = g.floor_shift(v, t, g.bounds[x_name], int(m.max()), cs, a["lo"], a["hi"], half)
-        g.cast(y, spec.dtype, out)
-    elif node.op == "add":
-        t = a["shift"]
-        ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
-        plan = g.exact_float and add_plans(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges)
-        if plan:
-            Ma, Mb, C, dtype = plan
-            terms = [(g.t(n), np.asarray(M)) for n, M in zip(node.inputs, (Ma, Mb), strict=True)]
-            _float_step(g, terms, C, a["lo"], a["hi"], dtype, out, spec.dtype)
-            return
-        va = g.op(
-            "Mul",
-            [g.cast(g.t(node.inputs[0]), "int64"), g.const(np.array(a["m_a"], np.int64), "ma")],
-            "ama",
-        )
-        vb = g.op(
-            "Mul",
-            [g.cast(g.t(node.inputs[1]), "int64"), g.const(np.array(a["m_b"], np.int64), "mb")],
-            "bmb",
-        )
-        v = g.op("Add", [va, vb], "sum")
-        bound = 255 * (abs(a["m_a"]) + abs(a["m_b"])) + (1 << (t - 1))
-        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
-        g.cast(y, spec.dtype, out)
-    elif node.op == "concat":
-        t = a["shift"]
-        parts = []
-        for name, m in zip(node.inputs, a["m"], strict=True):
-            v = g.op("Mul", [g.cast(g.t(name), "int64"), g.const(np.array(m, np.int64), "m")], "xm")
-            bound = 255 * abs(m) + (1 << (t - 1))
-            half = 1 << (t - 1)
-            parts.append(g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], half))
-        g.cast(g.op("Concat", parts, "concat", axis=1), spec.dtype, out)
-    elif node.op == "maxpool2d":
+        return
+    xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
+    wu = (node.params["weight"].astype(np.int16) + 128).astype(np.uint8)
+    wz = g.const(np.array(128, np.uint8), "wz")
+    bias = node.params["bias"].astype(np.int32)
+    if node.op == "conv2d":
         ph, pw = a["padding"]
-        g.op(
-            "MaxPool",
-            [x],
-            "maxpool",
-            out,
-            kernel_shape=a["kernel"],
+        if ph or pw:
+            pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
+            xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
+        kh, kw = node.params["weight"].shape[2:]
+        acc = g.op(
+            "ConvInteger",
+            [xu, g.const(wu, "w"), xz, wz],
+            "conv",
             strides=a["stride"],
-            pads=[ph, pw, ph, pw],
             dilations=a["dilation"],
-            ceil_mode=int(a["ceil_mode"]),
+            group=a["groups"],
+            kernel_shape=[kh, kw],
         )
-    elif node.op == "avgpool2d":
-        in_shape = p.tensors[x_name].shape
-        kernel, stride, (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        if list(kernel) == list(in_shape[1:]) and not (ph or pw):
-            g.op(
-                "ReduceSum",
-                [g.cast(x, "int32"), g.const(np.array([2, 3], np.int64), "axes")],
-                "sum",
-                out,
-                keepdims=1,
-            )
-        else:
-            xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
-            if ph or pw:
-                pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
-                xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
-            channels = in_shape[0]
-            ones = np.ones((channels, 1, *kernel), np.uint8)
-            g.op(
-                "ConvInteger",
-                [xu, g.const(ones, "ones"), xz, g.const(np.array(0, np.uint8), "zp0")],
-                "poolsum",
-                out,
-                strides=stride,
-                group=channels,
-                kernel_shape=kernel,
-            )
-        g.bounds[node.output] = int(a["acc_bound"])
-    elif node.op == "mul":
-        t = a["shift"]
-        product = g.op(
-            "Mul",
-            [g.cast(g.t(node.inputs[0]), "int64"), g.cast(g.t(node.inputs[1]), "int64")],
-            "ab",
-        )
-        v = g.op("Mul", [product, g.const(np.array(a["m"], np.int64), "m")], "abm")
-        absmax = [max(abs(p.tensors[n].qmin), abs(p.tensors[n].qmax)) for n in node.inputs]
-        bound = absmax[0] * absmax[1] * a["m"] + (1 << (t - 1))
-        y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], 1 << (t - 1))
-        g.cast(y, spec.dtype, out)
-    elif node.op == "affine":
-        t = a["shift"]
-        cs = _channel_shape(4, len(node.params["a"]))
-        ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x_name]
-        ts, lo, hi = [t] * len(ca), a["lo"], a["hi"]
-        if _float_affine(g, x, ca, cb, ts, lo, hi, (xs.qmin, xs.qmax), cs, out, spec.dtype):
-            return
-        v = g.op("Mul", [g.cast(x, "int64"), g.const(node.params["a"].reshape(cs), "a")], "xa")
-        x_max = max(abs(p.tensors[x_name].qmin), abs(p.tensors[x_name].qmax))
-        bound = x_max * int(np.abs(node.params["a"]).max()) + int(np.abs(node.params["b"]).max())
-        addend = node.params["b"].reshape(cs) + (np.int64(1) << (t - 1))
-        shifts = np.full(len(node.params["a"]), t, np.int64)
-        y = g.floor_shift(v, shifts, bound + (1 << (t - 1)), 1, cs, a["lo"], a["hi"], addend)
-        g.cast(y, spec.dtype, out)
-    elif node.op == "lut":
-        index = g.op(
-            "Sub",
-            [g.cast(x, "int64"), g.const(np.array(a["offset"], np.int64), "offset")],
-            "index",
-        )
-        table = g.const(node.params["table"].astype(np.int64), "table")
-        g.cast(g.op("Gather", [table, index], "lookup", axis=0), spec.dtype, out)
-    elif node.op == "adaptive_avgpool2d":
-        channels, h, w = p.tensors[x_name].shape
-        oh, ow = a["out_size"]
-        matrix = adaptive_pool_matrix((h, w), (oh, ow), a["lcm"])
-        flat = g.op(
-            "Reshape", [g.cast(x, "int64"), g.const(np.array([0, channels, h * w]), "hw")], "flat"
-        )
-        sums = g.op("MatMul", [flat, g.const(matrix, "pool")], "poolsum")
-        total = g.op("Reshape", [sums, g.const(np.array([0, channels, oh, ow]), "chw")], "pooled")
-        g.cast(total, "int32", out)
-        g.bounds[node.output] = int(a["acc_bound"])
-    elif node.op == "reshape":
-        g.op("Reshape", [x, g.const(np.array([0, *a["shape"]], np.int64), "shape")], "reshape", out)
-    elif node.op == "transpose":
-        g.op("Transpose", [x], "transpose", out, perm=[0, *(q + 1 for q in a["perm"])])
-    elif node.op == "slice":
-        g.op(
-            "Slice",
-            [
-                x,
-                g.const(np.array([a["start"]], np.int64), "starts"),
-                g.const(np.array([a["end"]], np.int64), "ends"),
-                g.const(np.array([a["axis"] + 1], np.int64), "axes"),
-            ],
-            "slice",
-            out,
-        )
-    elif node.op == "flatten":
-        g.op("Flatten", [x], "flatten", out, axis=1)
+        bias = bias.reshape(1, -1, 1, 1)
     else:
-        raise ExportError(f"node '{node.name}' ({node.op}): no integer ONNX lowering")
+        acc = g.op(
+            "MatMulInteger", [xu, g.const(np.ascontiguousarray(wu.T), "w"), xz, wz], "matmul"
+        )
+        bias = bias.reshape(1, -1)
+    g.op("Add", [acc, g.const(bias, "bias")], "acc", out)
+    g.bounds[node.output] = int(a["acc_bound"])
+
+
+def _onnx_requantize(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    m, t = node.params["m"], node.params["shift"]
+    ndim = len(p.tensors[x_name].shape) + 1
+    cs = _channel_shape(ndim, len(m))
+    bound = g.bounds[x_name]
+    zeros, lo, hi = np.zeros_like(m), a["lo"], a["hi"]
+    if _float_affine(g, x, m, zeros, t, lo, hi, (-bound, bound), cs, out, spec.dtype):
+        return
+    v = g.op(
+        "Mul", [g.cast(x, "int64"), g.const(m.reshape(cs) if cs else m.reshape(()), "m")], "am"
+    )
+    addend = half(t).reshape(cs) if cs else np.int64(half(int(t[0])))
+    y = g.floor_shift(v, t, g.bounds[x_name], int(m.max()), cs, a["lo"], a["hi"], addend)
+    g.cast(y, spec.dtype, out)
+
+
+def _onnx_add(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    out = g.t(node.output)
+    t = a["shift"]
+    ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
+    plan = g.exact_float and add_plans(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges)
+    if plan:
+        Ma, Mb, C, dtype = plan
+        terms = [(g.t(n), np.asarray(M)) for n, M in zip(node.inputs, (Ma, Mb), strict=True)]
+        _float_step(g, terms, C, a["lo"], a["hi"], dtype, out, spec.dtype)
+        return
+    va = g.op(
+        "Mul",
+        [g.cast(g.t(node.inputs[0]), "int64"), g.const(np.array(a["m_a"], np.int64), "ma")],
+        "ama",
+    )
+    vb = g.op(
+        "Mul",
+        [g.cast(g.t(node.inputs[1]), "int64"), g.const(np.array(a["m_b"], np.int64), "mb")],
+        "bmb",
+    )
+    v = g.op("Add", [va, vb], "sum")
+    bound = 255 * (abs(a["m_a"]) + abs(a["m_b"])) + half(t)
+    y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], half(t))
+    g.cast(y, spec.dtype, out)
+
+
+def _onnx_concat(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    out = g.t(node.output)
+    t = a["shift"]
+    parts = []
+    for name, m in zip(node.inputs, a["m"], strict=True):
+        v = g.op("Mul", [g.cast(g.t(name), "int64"), g.const(np.array(m, np.int64), "m")], "xm")
+        bound = 255 * abs(m) + half(t)
+        parts.append(g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], half(t)))
+    g.cast(g.op("Concat", parts, "concat", axis=1), spec.dtype, out)
+
+
+def _onnx_maxpool(g: _Graph, node: Node) -> None:
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    ph, pw = a["padding"]
+    g.op(
+        "MaxPool",
+        [x],
+        "maxpool",
+        out,
+        kernel_shape=a["kernel"],
+        strides=a["stride"],
+        pads=[ph, pw, ph, pw],
+        dilations=a["dilation"],
+        ceil_mode=int(a["ceil_mode"]),
+    )
+
+
+def _onnx_avgpool(g: _Graph, node: Node) -> None:
+    p = g.program
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    in_shape = p.tensors[x_name].shape
+    kernel, stride, (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    if list(kernel) == list(in_shape[1:]) and not (ph or pw):
+        g.op(
+            "ReduceSum",
+            [g.cast(x, "int32"), g.const(np.array([2, 3], np.int64), "axes")],
+            "sum",
+            out,
+            keepdims=1,
+        )
+    else:
+        xu, xz = g.to_uint8_with_zero_point(x, p.tensors[x_name].dtype)
+        if ph or pw:
+            pads = g.const(np.array([0, 0, ph, pw, 0, 0, ph, pw], np.int64), "pads")
+            xu = g.op("Pad", [xu, pads, xz], "pad", mode="constant")
+        channels = in_shape[0]
+        ones = np.ones((channels, 1, *kernel), np.uint8)
+        g.op(
+            "ConvInteger",
+            [xu, g.const(ones, "ones"), xz, g.const(np.array(0, np.uint8), "zp0")],
+            "poolsum",
+            out,
+            strides=stride,
+            group=channels,
+            kernel_shape=kernel,
+        )
+    g.bounds[node.output] = int(a["acc_bound"])
+
+
+def _onnx_mul(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    out = g.t(node.output)
+    t = a["shift"]
+    product = g.op(
+        "Mul",
+        [g.cast(g.t(node.inputs[0]), "int64"), g.cast(g.t(node.inputs[1]), "int64")],
+        "ab",
+    )
+    v = g.op("Mul", [product, g.const(np.array(a["m"], np.int64), "m")], "abm")
+    absmax = [max(abs(p.tensors[n].qmin), abs(p.tensors[n].qmax)) for n in node.inputs]
+    bound = absmax[0] * absmax[1] * a["m"] + half(t)
+    y = g.floor_shift(v, np.array([t]), bound, 1, (), a["lo"], a["hi"], half(t))
+    g.cast(y, spec.dtype, out)
+
+
+def _onnx_affine(g: _Graph, node: Node) -> None:
+    """The input op (pixels) and the affine op (codes): one rule, x*a[c] + b[c] >> shift."""
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    t = a["shift"]
+    ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x_name]
+    cs = _channel_shape(4, len(ca))
+    ts, lo, hi = [t] * len(ca), a["lo"], a["hi"]
+    if _float_affine(g, x, ca, cb, ts, lo, hi, (xs.qmin, xs.qmax), cs, out, spec.dtype):
+        return
+    acc = g.op("Mul", [g.cast(x, "int64"), g.const(ca.reshape(cs), "a")], "xa")
+    x_max = max(abs(xs.qmin), abs(xs.qmax))
+    bound = x_max * int(np.abs(ca).max()) + int(np.abs(cb).max()) + half(t)
+    addend = (cb + half(t)).reshape(cs)
+    y = g.floor_shift(acc, np.array([t]), bound, 1, (), lo, hi, addend)
+    g.cast(y, spec.dtype, out)
+
+
+def _onnx_lut(g: _Graph, node: Node) -> None:
+    p = g.program
+    spec = p.tensors[node.output]
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    index = g.op(
+        "Sub",
+        [g.cast(x, "int64"), g.const(np.array(a["offset"], np.int64), "offset")],
+        "index",
+    )
+    table = g.const(node.params["table"].astype(np.int64), "table")
+    g.cast(g.op("Gather", [table, index], "lookup", axis=0), spec.dtype, out)
+
+
+def _onnx_adaptive_avgpool(g: _Graph, node: Node) -> None:
+    p = g.program
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    channels, h, w = p.tensors[x_name].shape
+    oh, ow = a["out_size"]
+    matrix = adaptive_pool_matrix((h, w), (oh, ow), a["lcm"])
+    flat = g.op(
+        "Reshape", [g.cast(x, "int64"), g.const(np.array([0, channels, h * w]), "hw")], "flat"
+    )
+    sums = g.op("MatMul", [flat, g.const(matrix, "pool")], "poolsum")
+    total = g.op("Reshape", [sums, g.const(np.array([0, channels, oh, ow]), "chw")], "pooled")
+    g.cast(total, "int32", out)
+    g.bounds[node.output] = int(a["acc_bound"])
+
+
+def _onnx_reshape(g: _Graph, node: Node) -> None:
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    g.op("Reshape", [x, g.const(np.array([0, *a["shape"]], np.int64), "shape")], "reshape", out)
+
+
+def _onnx_transpose(g: _Graph, node: Node) -> None:
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    g.op("Transpose", [x], "transpose", out, perm=[0, *(q + 1 for q in a["perm"])])
+
+
+def _onnx_slice(g: _Graph, node: Node) -> None:
+    a = node.attrs
+    x_name = node.inputs[0]
+    x = g.t(x_name)
+    out = g.t(node.output)
+    g.op(
+        "Slice",
+        [
+            x,
+            g.const(np.array([a["start"]], np.int64), "starts"),
+            g.const(np.array([a["end"]], np.int64), "ends"),
+            g.const(np.array([a["axis"] + 1], np.int64), "axes"),
+        ],
+        "slice",
+        out,
+    )
+
+
+def _onnx_flatten(g: _Graph, node: Node) -> None:
+    g.op("Flatten", [g.t(node.inputs[0])], "flatten", g.t(node.output), axis=1)
+
+
+# The integer ONNX lowering of each op of the registry (intprog.ops), or Unsupported with the
+# reason. ``qlinear`` exports first try ``_qlinear_conv`` / ``QLINEAR_STEPS`` and fall back here.
+LOWERINGS: dict[str, Callable | Unsupported] = {
+    "input": _onnx_affine,  # the affine rule on pixels
+    "affine": _onnx_affine,
+    "conv2d": _onnx_layer,
+    "linear": _onnx_layer,
+    "requantize": _onnx_requantize,
+    "add": _onnx_add,
+    "concat": _onnx_concat,
+    "mul": _onnx_mul,
+    "lut": _onnx_lut,
+    "maxpool2d": _onnx_maxpool,
+    "avgpool2d": _onnx_avgpool,
+    "adaptive_avgpool2d": _onnx_adaptive_avgpool,
+    "flatten": _onnx_flatten,
+    "reshape": _onnx_reshape,
+    "transpose": _onnx_transpose,
+    "slice": _onnx_slice,
+    "output": Unsupported("lowered by to_onnx_model itself: a Cast of the logits to int32"),
+}
+
+
+def _lower(g: _Graph, node: Node) -> None:
+    lower = LOWERINGS.get(node.op)
+    if not callable(lower):
+        why = lower.reason if isinstance(lower, Unsupported) else "not in its table"
+        raise ExportError(f"node '{node.name}' ({node.op}): no integer ONNX lowering ({why})")
+    lower(g, node)
 
 
 def to_onnx_model(program: IntProgram, exact_float: bool = False, qlinear: bool = False):
     """The program as an onnx.ModelProto (checked with onnx.checker). ``exact_float``: the
     rounding steps (requantize, add, input, affine) as float32/float64 Mul, Add, Floor, Clip
-    wherever ``runtime.exact_float`` proves them equal to the integer rule, as the torch runtime
+    wherever ``intprog.exact_float`` proves them equal to the integer rule, as the torch runtime
     runs them; else (default) integer operators only. ``qlinear`` (implies ``exact_float``): each
     conv2d whose only reader is a requantize becomes one ONNX Runtime QLinearConv where
     ``_qlinear_conv`` proves it exact (ONNX Runtime's int8 kernels, as a QDQ model runs)."""

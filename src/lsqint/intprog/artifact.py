@@ -1,4 +1,5 @@
-"""save/load an IntProgram: safetensors tensors + the graph as JSON metadata (DESIGN section 6).
+"""save/load an IntProgram: safetensors tensors + the graph as JSON metadata (docs/design.md,
+section 6).
 
 Weights of b < 8 bits are stored as a dense b-bit stream: code - qmin (an unsigned b-bit number)
 per weight, least significant bit first, so 4-bit weights take two per byte and 3-bit weights
@@ -19,15 +20,27 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .program import OPS, IntProgram, Node, TensorSpec
-from .verify import ProgramError, verify
+from ..errors import ArtifactError, ProgramError
+from .ops import OPS
+from .program import IntProgram, Node, TensorSpec
+from .verify import verify
 
 FORMAT = "lsqint-intprog"
-FORMAT_VERSION = 2  # 2: the digest covers the graph JSON too
+# 2: the digest covers the graph JSON too. 3: one vocabulary (the input op's code range is
+# lo/hi like every other op's, requantize's shifts are the param 'shift'); 2 is read and renamed.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
-class ArtifactError(ValueError):
-    """A program file that is missing, truncated, corrupted, foreign or of another version."""
+def _upgrade_v2(op: str, attrs: dict, params: dict) -> tuple[dict, dict]:
+    """A version-2 node's attrs and params under version 3's names (same integers)."""
+    if op == "input" and {"qmin", "qmax"} <= set(attrs):
+        attrs = {**attrs, "lo": attrs["qmin"], "hi": attrs["qmax"]}
+        del attrs["qmin"], attrs["qmax"]
+    if op == "requantize" and "t" in params:
+        params = {**params, "shift": params["t"]}
+        del params["t"]
+    return attrs, params
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -51,9 +64,9 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (offset - (1 << (bits - 1))).astype(np.int8)
 
 
-def _digest(tensors: dict[str, np.ndarray], graph_json: str) -> str:
+def _digest(tensors: dict[str, np.ndarray], graph_json: str, version: int = FORMAT_VERSION) -> str:
     h = hashlib.sha256()
-    h.update(f"{FORMAT}/{FORMAT_VERSION}\n".encode())
+    h.update(f"{FORMAT}/{version}\n".encode())
     h.update(graph_json.encode())
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
@@ -138,21 +151,23 @@ def load(path: str | os.PathLike) -> IntProgram:
             f"{path}: not an lsqint integer program (format "
             f"{meta.get('format')!r}); was it written by lsqint.save?"
         )
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    readable = {str(v): v for v in READABLE_VERSIONS}
+    if meta.get("format_version") not in readable:
         raise ArtifactError(
             f"{path}: program format version {meta.get('format_version')} is not "
-            f"supported by this lsqint (reads version {FORMAT_VERSION}); convert again"
+            f"supported by this lsqint (reads versions {', '.join(readable)}); convert again"
         )
+    version = readable[meta["format_version"]]
     try:
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises several types for damaged files
         raise ArtifactError(f"{path}: corrupted or truncated program file ({err})") from None
-    if _digest(tensors, meta.get("graph", "")) != meta.get("sha256"):
+    if _digest(tensors, meta.get("graph", ""), version) != meta.get("sha256"):
         raise ArtifactError(
             f"{path}: checksum mismatch, the file is corrupted or was edited; convert again"
         )
     try:
-        program = _parse_graph(meta["graph"], tensors)
+        program = _parse_graph(meta["graph"], tensors, version)
         return verify(program)
     except ArtifactError as err:
         raise ArtifactError(f"{path}: {err}") from None
@@ -165,7 +180,9 @@ def load(path: str | os.PathLike) -> IntProgram:
         ) from None
 
 
-def _parse_graph(graph_json: str, tensors: dict[str, np.ndarray]) -> IntProgram:
+def _parse_graph(
+    graph_json: str, tensors: dict[str, np.ndarray], version: int = FORMAT_VERSION
+) -> IntProgram:
     graph = json.loads(graph_json)
     if not isinstance(graph, dict):
         raise ArtifactError("malformed program graph: not a JSON object")
@@ -205,6 +222,8 @@ def _parse_graph(graph_json: str, tensors: dict[str, np.ndarray]) -> IntProgram:
                     raise ArtifactError(f"packing of {name!r}: bad shape {shape!r}")
                 arr = unpack_bits(arr, bits, int(np.prod(shape))).reshape(shape)
             params[key] = arr
+        if version == 2:
+            attrs, params = _upgrade_v2(d["op"], attrs, params)
         nodes.append(Node(d["op"], d["name"], d["inputs"], d["output"], attrs, params))
     unused = (set(tensors) | set(packing)) - used
     if unused:

@@ -1,4 +1,5 @@
-r"""Every rounding and saturation rule of the integer program, in one place (DESIGN section 4).
+r"""Every rounding and saturation rule of the integer program, in one place (docs/design.md,
+section 4).
 
 Derivation. A layer's real output is ``y = M * acc`` with a positive real multiplier ``M`` (for a
 conv, ``M = s_x * s_w[c] / s_out``). We store ``M`` as a 31-bit integer ``m`` and a shift ``t``:
@@ -25,6 +26,8 @@ import math
 
 import numpy as np
 
+from ..errors import FixedPointError
+
 MULTIPLIER_BITS = 31
 M_MIN = 1 << (MULTIPLIER_BITS - 1)  # 2^30: smallest stored multiplier
 M_MAX = (1 << MULTIPLIER_BITS) - 1  # 2^31 - 1: largest
@@ -32,10 +35,6 @@ SHIFT_MIN = 1  # t >= 1 so that 2^(t-1) is an integer
 SHIFT_MAX = 62  # 2^(t-1) <= 2^61 keeps (4) inside int64
 INT32_MIN = -(1 << 31)
 INT32_MAX = (1 << 31) - 1
-
-
-class FixedPointError(ValueError):
-    """A real multiplier that 31-bit fixed point with shift 1..62 cannot represent."""
 
 
 def quantize_multiplier(real: float) -> tuple[int, int]:
@@ -74,15 +73,32 @@ def multiplier_for_shift(real: float, t: int) -> int:
     return round(real * (1 << t))
 
 
+def half(t):
+    """2^(t-1): the addend that makes a right shift by t round half up (eq. 4). A Python int
+    for an integer t (exact at any size), int64 for an array of shifts.
+
+    >>> half(3), half(np.array([1, 2]))
+    (4, array([1, 2]))
+    """
+    if isinstance(t, int | np.integer):
+        return 1 << (int(t) - 1)
+    return np.int64(1) << (np.asarray(t, dtype=np.int64) - 1)
+
+
+def shift_round(x, t):
+    """Eq. (4) on values of any integer type with ``+`` and ``>>`` (Python ints, numpy or torch
+    int64 tensors; ``t`` an int or a tensor of the same kind): floor((x + 2^(t-1)) / 2^t).
+    Runtimes call this so the rule is written once."""
+    return (x + (1 << (t - 1))) >> t
+
+
 def rounding_shift(x: np.ndarray, t) -> np.ndarray:
     """floor((x + 2^(t-1)) / 2^t) on int64: divide by 2^t, rounding half up. Eq. (4).
 
     >>> rounding_shift(np.array([5, 6, -5, -6, 7], dtype=np.int64), 2)
     array([ 1,  2, -1, -1,  2])
     """
-    x = np.asarray(x, dtype=np.int64)
-    t = np.asarray(t, dtype=np.int64)
-    return (x + (np.int64(1) << (t - 1))) >> t
+    return shift_round(np.asarray(x, dtype=np.int64), np.asarray(t, dtype=np.int64))
 
 
 def requantize(acc: np.ndarray, m, t, lo: int, hi: int) -> np.ndarray:

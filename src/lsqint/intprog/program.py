@@ -1,4 +1,5 @@
-"""The integer program IR (DESIGN section 4): nodes in topological order over named integer tensors.
+"""The integer program IR (docs/design.md, section 4): nodes in topological order over named
+integer tensors. The ops themselves (schema, verify rule, semantics) live in ``intprog.ops``.
 
 A program holds no float tensor. Scales are recorded as metadata (``TensorSpec.scale``) so a caller
 can dequantize; the integer semantics never read them.
@@ -10,71 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-# op -> (param names it carries, attribute names it carries). The reference runtime implements
-# each of these; verify() refuses anything else.
-OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "input": (("a", "b"), ("shift", "qmin", "qmax")),
-    "conv2d": (
-        ("weight", "bias"),
-        ("stride", "padding", "dilation", "groups", "weight_bits", "acc_bound"),
-    ),
-    "linear": (("weight", "bias"), ("weight_bits", "acc_bound")),
-    "requantize": (("m", "t"), ("lo", "hi")),
-    "add": ((), ("m_a", "m_b", "shift", "lo", "hi")),
-    # Code tensors joined along channels (dim 1 of N, C, ...), each brought onto the output scale
-    # with its own multiplier m[i] and the shared shift: clamp((x_i*m[i] + 2^(t-1)) >> t).
-    "concat": ((), ("m", "shift", "lo", "hi")),
-    # Elementwise product of two code tensors (the second may be (C, 1, 1) against (C, H, W):
-    # squeeze-excitation's x * gate): clamp((a*b*m + 2^(t-1)) >> t).
-    "mul": ((), ("m", "shift", "lo", "hi")),
-    # An elementwise function of one code: y = table[x - offset] (table: one entry per code of
-    # the input's range, values in [lo, hi]).
-    "lut": (("table",), ("offset", "lo", "hi")),
-    # A per-channel affine map of codes (a BatchNorm with no conv before it):
-    # clamp((x*a[c] + b[c] + 2^(t-1)) >> t), the input op's rule on codes.
-    "affine": (("a", "b"), ("shift", "lo", "hi")),
-    "maxpool2d": ((), ("kernel", "stride", "padding", "dilation", "ceil_mode")),
-    "avgpool2d": ((), ("kernel", "stride", "padding", "acc_bound")),
-    # Adaptive average pooling with windows of unequal size (PyTorch's rule: rows
-    # floor(i*H/OH) .. ceil((i+1)*H/OH)): each window sum times lcm // area, so that every output
-    # is on the one scale s_x / lcm (lcm: the least common multiple of the window areas).
-    "adaptive_avgpool2d": ((), ("out_size", "lcm", "acc_bound")),
-    "flatten": ((), ()),
-    # Pure data movement of codes, per image (the batch dim stays first): a new shape in C order,
-    # a permutation of the per-image dims, and the [start, end) range of one per-image axis.
-    "reshape": ((), ("shape",)),
-    "transpose": ((), ("perm",)),
-    "slice": ((), ("axis", "start", "end")),
-    "output": ((), ()),
-}
-
-
-def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
-    """[start, end) of each of ``out`` adaptive-pooling windows over ``size`` (PyTorch's rule)."""
-    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
-
-
-def adaptive_lcm(shape, out_size) -> int:
-    """The least common multiple of the window areas of adaptive pooling ``shape`` -> out_size."""
-    import math
-
-    rows = {e - s for s, e in adaptive_windows(shape[0], out_size[0])}
-    cols = {e - s for s, e in adaptive_windows(shape[1], out_size[1])}
-    return math.lcm(*(r * c for r in rows for c in cols))
-
-
-def adaptive_pool_matrix(shape, out_size, lcm: int) -> np.ndarray:
-    """int64 (H*W, OH*OW): x.reshape(C, H*W) @ it == the adaptive_avgpool2d op's output, for
-    runtimes that do the op as one integer matrix product."""
-    h, w = shape
-    rows, cols = adaptive_windows(h, out_size[0]), adaptive_windows(w, out_size[1])
-    matrix = np.zeros((h, w, len(rows), len(cols)), np.int64)
-    for i, (r0, r1) in enumerate(rows):
-        for j, (c0, c1) in enumerate(cols):
-            matrix[r0:r1, c0:c1, i, j] = lcm // ((r1 - r0) * (c1 - c0))
-    return matrix.reshape(h * w, len(rows) * len(cols))
-
 
 CODE_DTYPES = ("uint8", "int8")
 TENSOR_DTYPES = ("uint8", "int8", "int32")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torchvision
 from torch import nn
 
+from ..errors import UsageError
 from .common import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_stats
 from .resnet import imagenet_resnet, resnet20, resnet_cifar10
 from .small import DigitsCNN, TinyVGG
@@ -79,7 +80,7 @@ def create_model(
         try:
             build = torchvision.models.get_model_builder(tv_name)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"unknown torchvision model {tv_name!r}; see torchvision.models.list_models()"
             ) from None
         return nn.Sequential(Normalize(mean, std), build(weights=None, num_classes=num_classes))
@@ -88,7 +89,7 @@ def create_model(
 
         close = difflib.get_close_matches(name, MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(model_names())})")
+        raise UsageError(f"unknown model {name!r}{hint} (available: {', '.join(model_names())})")
     return MODELS[name](num_classes, image_size, tuple(mean), tuple(std), in_channels)
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,9 +23,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"Normalize: mean has {len(mean)} channels but std has {len(std)}")
+            raise UsageError(f"Normalize: mean has {len(mean)} channels but std has {len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"Normalize: std must be positive, got {tuple(std)}")
+            raise UsageError(f"Normalize: std must be positive, got {tuple(std)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 

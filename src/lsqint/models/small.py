@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .common import Normalize
 
 
@@ -25,7 +26,7 @@ class TinyVGG(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % 16:
-            raise ValueError(f"tiny_vgg needs an image size divisible by 16, got {image_size}")
+            raise UsageError(f"tiny_vgg needs an image size divisible by 16, got {image_size}")
         self.normalize = Normalize(mean, std)
         layers: list[nn.Module] = []
         cin = in_channels

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import UsageError, UsageTypeError
 from ..quant.lsq import SCALE_INITS
 from ..quant.ranges import check_bits
 
@@ -59,19 +60,19 @@ class QuantConfig:
         if self.residual_bits is not None:
             check_bits(self.residual_bits, "residual_bits")
         if self.scale_init not in SCALE_INITS:
-            raise ValueError(
+            raise UsageError(
                 f"scale_init={self.scale_init!r} is unknown; use one of {', '.join(SCALE_INITS)}"
             )
         if not isinstance(self.per_channel, bool):
-            raise TypeError(f"per_channel must be True or False, got {self.per_channel!r}")
+            raise UsageTypeError(f"per_channel must be True or False, got {self.per_channel!r}")
         if not isinstance(self.overrides, Mapping):
-            raise TypeError(
+            raise UsageTypeError(
                 "overrides must map a module-name pattern to {'weight_bits': b, 'act_bits': b}"
             )
         frozen = {}
         for pattern, spec in self.overrides.items():
             if not isinstance(spec, Mapping):
-                raise TypeError(
+                raise UsageTypeError(
                     f"override {pattern!r}: expected a dict like {{'weight_bits': 3}}, got {spec!r}"
                 )
             for key, bits in spec.items():
@@ -80,7 +81,7 @@ class QuantConfig:
 
                     close = difflib.get_close_matches(key, _OVERRIDE_KEYS, n=1)
                     hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise ValueError(f"override {pattern!r}: unknown key {key!r}{hint}")
+                    raise UsageError(f"override {pattern!r}: unknown key {key!r}{hint}")
                 check_bits(bits, f"overrides[{pattern!r}][{key!r}]")
             frozen[str(pattern)] = MappingProxyType(dict(spec))
         object.__setattr__(self, "overrides", MappingProxyType(frozen))
@@ -112,5 +113,5 @@ class QuantConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"QuantConfig: unknown fields {sorted(unknown)}")
+            raise UsageError(f"QuantConfig: unknown fields {sorted(unknown)}")
         return cls(**d)

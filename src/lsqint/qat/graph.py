@@ -10,13 +10,10 @@ from torch import fx, nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth
 
+from ..errors import UnsupportedOpError
 from ..models.common import Normalize
 from ..quant import LSQQuantizer
 from .modules import ChannelAffine, QuantConv2d, QuantLinear
-
-
-class UnsupportedOpError(ValueError):
-    """The model uses a layer or function lsqint cannot quantize or convert."""
 
 
 class LsqintTracer(fx.Tracer):

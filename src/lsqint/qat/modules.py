@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..errors import UsageError
 from ..quant import LSQQuantizer
 
 
@@ -47,7 +48,7 @@ class QuantConv2d(nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         if conv.padding_mode != "zeros":
-            raise ValueError(
+            raise UsageError(
                 f"conv padding_mode={conv.padding_mode!r} is not supported (zeros only)"
             )
         self.weight.data.copy_(conv.weight.data)

@@ -9,11 +9,11 @@ Written as a list of small passes, each ``pass(gm, ...) -> None`` editing the gr
     connect_input_scales_     each quantized layer receives its input's step size (bias quant)
     check_quantized_inputs    every conv/linear/add/pool reads codes, or the model is refused
 
-DESIGN section 4 places activation quantizers: the network input after normalization, conv/linear
-outputs (after a fused ReLU/ReLU6), residual add outputs, channel concatenations and average-pool
-outputs. Max-pool,
-flatten and dropout pass codes through. The last layer's output (the logits) is not quantized to
-a narrow code: the integer program keeps it as an int32 accumulator on one common scale.
+docs/design.md (section 4) places activation quantizers: the network input after normalization,
+conv/linear outputs (after a fused ReLU/ReLU6), residual add outputs, channel concatenations and
+average-pool outputs. Max-pool, flatten and dropout pass codes through. The last layer's output
+(the logits) is not quantized to a narrow code: the integer program keeps it as an int32
+accumulator on one common scale.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
+from ..errors import UsageTypeError
 from ..models.common import Normalize
 from ..quant import LSQQuantizer
 from .config import QuantConfig
@@ -65,7 +66,7 @@ def prepare_qat(
     ``freeze_batchnorm_`` folds them for good. ``convert`` folds a copy itself.
     """
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     model = copy.deepcopy(model)
     if normalize is not None:
         mean, std = normalize

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .ranges import check_bits, code_range
 
 # Smallest step size we ever use: keeps the scale positive whatever the optimizer does.
@@ -127,7 +128,7 @@ def init_scale(x: Tensor, qmin: int, qmax: int, per_channel: bool, method: str =
     inputs). The MSE step size cannot clip everything: a larger candidate always does better.
     """
     if method not in SCALE_INITS:
-        raise ValueError(f"scale init {method!r} is unknown; use one of {SCALE_INITS}")
+        raise UsageError(f"scale init {method!r} is unknown; use one of {SCALE_INITS}")
     x = x.detach().float()
     rows = x.flatten(1) if per_channel else x.reshape(1, -1)
     if method == "lsq":
@@ -179,7 +180,7 @@ class LSQQuantizer(nn.Module):
         super().__init__()
         check_bits(bits)
         if scale_init not in SCALE_INITS:
-            raise ValueError(f"scale_init {scale_init!r} is unknown; use one of {SCALE_INITS}")
+            raise UsageError(f"scale_init {scale_init!r} is unknown; use one of {SCALE_INITS}")
         self.scale_init = scale_init  # how init_from_ sets the step size (not needed after it)
         shape = (num_channels,) if per_channel else ()
         self.scale = nn.Parameter(torch.ones(shape))
@@ -238,7 +239,7 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not bool(self.initialized):
             if not self.training:
-                raise RuntimeError(
+                raise UsageError(
                     "LSQQuantizer used in eval mode before its step size was initialized; "
                     "run one training-mode forward pass (calibration) first"
                 )

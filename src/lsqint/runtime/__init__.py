@@ -1,19 +1,22 @@
 """Runtimes: a registry name -> ``fn(program, images, **options) -> np.ndarray`` (int32 logits).
 
 ``reference`` (numpy int64) defines the semantics; every other runtime must return identical
-integers on the same program and input.
+integers on the same program and input. This registry is the one place that names every
+backend that can run a program: the torch runtime (``torch_runtime``) and the exports that have
+a host runner (``export.c_host``, ``export.onnx_int``); each is imported when first used, so
+running the reference never imports torch.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
+from ..errors import UsageError
 from ..intprog.program import IntProgram
 from .reference import run_reference
-from .torch_runtime import CompiledProgram
 
 RUNTIMES: dict[str, Callable[..., np.ndarray]] = {}
 
@@ -31,15 +34,17 @@ def _reference(program: IntProgram, images, **_options) -> np.ndarray:
     return run_reference(program, np.ascontiguousarray(images))
 
 
-def compile_program(
-    program: IntProgram, device: str | torch.device = "cpu", int8_gemm: bool = False
-) -> CompiledProgram:
+def compile_program(program: IntProgram, device="cpu", int8_gemm: bool = False):
     """The torch runtime's compiled form of ``program`` on ``device``, built once per program and
     device (exactness proofs, weight conversion) and kept on the program object, so that
     ``run(program, batch, runtime="torch")`` in a loop does not rebuild it every call. Programs
     are not meant to be edited after ``convert``/``load``; one that is must be compiled anew
     (``CompiledProgram(program, device)``). ``int8_gemm``: convolutions as int8 GEMMs
     (``torch._int_mm``; see the torch runtime's docstring)."""
+    import torch
+
+    from .torch_runtime import CompiledProgram
+
     cache = program.__dict__.setdefault("_compiled", {})
     key = (str(torch.device(device)), bool(int8_gemm))
     if key not in cache:
@@ -63,7 +68,7 @@ def _torch_int8(program: IntProgram, images, device: str = "cpu", **_options) ->
 
 @register_runtime("c")
 def _c(program: IntProgram, images, **_options) -> np.ndarray:
-    from .c_runtime import compile_c
+    from ..export.c_host import compile_c
 
     return compile_c(program)(images)
 
@@ -92,14 +97,16 @@ def _onnx_qlinear(program: IntProgram, images, **_options) -> np.ndarray:
 
 
 def _as_uint8_images(images, program: IntProgram) -> np.ndarray:
-    arr = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    torch = sys.modules.get("torch")  # a torch tensor can only come from a loaded torch
+    is_tensor = torch is not None and torch.is_tensor(images)
+    arr = images.detach().cpu().numpy() if is_tensor else np.asarray(images)
     expected = tuple(program.input_spec.shape)
     if arr.ndim != 4 or tuple(arr.shape[1:]) != expected:
-        raise ValueError(
+        raise UsageError(
             f"images must have shape (N, {', '.join(map(str, expected))}), got {tuple(arr.shape)}"
         )
     if arr.dtype != np.uint8:
-        raise TypeError(
+        raise UsageError(
             f"images must be uint8 pixels, got {arr.dtype}; the integer program "
             "takes raw pixels (no normalization)"
         )
@@ -112,11 +119,19 @@ def run(program: IntProgram, images, runtime: str = "reference", **options) -> n
     >>> # logits = lsqint.run(program, images, runtime="torch")        # doctest: +SKIP
     """
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
+        raise UsageError(f"unknown runtime {runtime!r}; available: {', '.join(sorted(RUNTIMES))}")
     images = _as_uint8_images(images, program)
     if images.shape[0] == 0:  # every runtime: an empty batch has no logits
         return np.zeros((0, program.num_classes()), np.int32)
     return RUNTIMES[runtime](program, images, **options)
+
+
+def __getattr__(name: str):
+    if name == "CompiledProgram":  # the torch runtime's class, imported (with torch) on demand
+        from .torch_runtime import CompiledProgram
+
+        return CompiledProgram
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

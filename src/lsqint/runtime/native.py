@@ -17,7 +17,8 @@ be proven exact, W8A8's 256-level outputs). Both are exact here by construction 
 * the rounding kernels (``native_kernels.c``): int64 arithmetic identical to the reference's,
   applied where |acc * m| + 2^(t-1) < 2^62 (checked per layer).
 
-The C kernels are compiled once per machine and source with the C compiler ``c_runtime`` finds
+The C kernels are compiled once per machine and source with the C compiler
+``lsqint.toolchain`` finds
 (``-O3 -march=native -fopenmp``: on the OpenMP runtime torch loaded; serial without OpenMP) into
 ``$XDG_CACHE_HOME/lsqint`` (else ``~/.cache/lsqint``); without a compiler, VNNI or oneDNN the
 torch runtime keeps its float paths, and ``CompiledProgram.paths`` says which ran where.
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .c_runtime import c_compiler
+from ..toolchain import c_compiler
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 INT64_SAFE = 1 << 62

@@ -1,7 +1,8 @@
 """The torch runtime: fast integer-exact execution on CPU and CUDA.
 
 Codes travel between ops as float tensors holding small integers; accumulating ops run as float
-convolutions only where exactness is proven from the bound ``verify`` recorded (DESIGN section 5):
+convolutions only where exactness is proven from the bound ``verify`` recorded
+(docs/design.md, section 5):
 
 * every product x_q * w_q and every partial sum of a conv/linear/pool is an integer of magnitude at
   most ``acc_bound``; float32 represents every integer below 2^24 and float64 below 2^53, so a
@@ -31,9 +32,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..intprog.program import IntProgram, Node, adaptive_pool_matrix
+from ..errors import ExportError
+from ..intprog.exact_float import add_plans, affine_step_plan, channel_plans
+from ..intprog.fixedpoint import shift_round
+from ..intprog.ops import Unsupported, adaptive_pool_matrix
+from ..intprog.program import IntProgram, Node
 from . import native
-from .exact_float import add_plans, affine_step_plan, channel_plans
 
 F32_EXACT = 1 << 24
 F64_EXACT = 1 << 53
@@ -94,11 +98,6 @@ def _code_dtype(lo: int, hi: int) -> torch.dtype:
     return torch.uint8 if 0 <= lo and hi <= 255 else torch.float32
 
 
-def _rounding_shift(acc: torch.Tensor, t) -> torch.Tensor:
-    # floor((acc + 2^(t-1)) / 2^t): >> on signed int64 is an arithmetic shift (rounds to -inf).
-    return (acc + (1 << (t - 1))) >> t
-
-
 class CompiledProgram:
     """A program with its parameters moved to ``device`` once, ready to run many batches."""
 
@@ -152,129 +151,146 @@ class CompiledProgram:
         return int(self.producer[tensor].attrs["acc_bound"])
 
     def _build(self, node: Node) -> Callable:
+        lower = LOWERINGS.get(node.op)
+        if not callable(lower):
+            why = lower.reason if isinstance(lower, Unsupported) else "not in its table"
+            raise ExportError(f"node '{node.name}' ({node.op}): the torch runtime has no op: {why}")
+        return lower(self, node)
+
+    def _build_layer(self, node: Node) -> Callable:
         a = node.attrs
         dev = self.device
-        if node.op in ("input", "affine"):
-            return self._build_affine(node)
-        if node.op in ("conv2d", "linear"):
-            gemm = self._build_int8_gemm(node) if self.int8_gemm else None
-            if gemm is not None:
-                self.paths[node.name] = "int8-gemm"
-                return gemm
-            conv = self._build_onednn_conv(node) if self.onednn else None
-            if conv is not None:
-                self.paths[node.name] = "onednn-int8"
-                return conv
-            dtype = _float_dtype(a["acc_bound"], dev)
-            self.paths[node.name] = str(dtype).replace("torch.", "")
-            weight = self._param(node, "weight", dtype)
-            bias = self._param(node, "bias", dtype)
-            if node.op == "conv2d":
-                stride, padding, dilation, groups = (
-                    a["stride"],
-                    a["padding"],
-                    a["dilation"],
-                    a["groups"],
-                )
+        gemm = self._build_int8_gemm(node) if self.int8_gemm else None
+        if gemm is not None:
+            self.paths[node.name] = "int8-gemm"
+            return gemm
+        conv = self._build_onednn_conv(node) if self.onednn else None
+        if conv is not None:
+            self.paths[node.name] = "onednn-int8"
+            return conv
+        dtype = _float_dtype(a["acc_bound"], dev)
+        self.paths[node.name] = str(dtype).replace("torch.", "")
+        weight = self._param(node, "weight", dtype)
+        bias = self._param(node, "bias", dtype)
+        if node.op == "conv2d":
+            stride, padding, dilation, groups = (
+                a["stride"],
+                a["padding"],
+                a["dilation"],
+                a["groups"],
+            )
 
-                def run_conv(x):
-                    acc = F.conv2d(x.to(dtype), weight, bias, stride, padding, dilation, groups)
-                    return _exact(acc, dev)
+            def run_conv(x):
+                acc = F.conv2d(x.to(dtype), weight, bias, stride, padding, dilation, groups)
+                return _exact(acc, dev)
 
-                return run_conv
+            return run_conv
 
-            def run_linear(x):
-                return _exact(F.linear(x.to(dtype), weight, bias), dev)
+        def run_linear(x):
+            return _exact(F.linear(x.to(dtype), weight, bias), dev)
 
-            return run_linear
-        if node.op == "requantize":
-            return self._build_requantize(node)
-        if node.op == "add":
-            return self._build_add(node)
-        if node.op == "concat":
-            self.paths[node.name] = "int64"
-            lo, hi, t, ms = a["lo"], a["hi"], a["shift"], a["m"]
+        return run_linear
 
-            def run_concat(*xs):
-                parts = [
-                    _rounding_shift(x.to(torch.int64) * m, t).clamp_(lo, hi)
-                    for x, m in zip(xs, ms, strict=True)
-                ]
-                return torch.cat(parts, dim=1).to(torch.float32)
+    def _build_concat(self, node: Node) -> Callable:
+        a = node.attrs
+        self.paths[node.name] = "int64"
+        lo, hi, t, ms = a["lo"], a["hi"], a["shift"], a["m"]
 
-            return run_concat
-        if node.op == "maxpool2d":
+        def run_concat(*xs):
+            parts = [
+                shift_round(x.to(torch.int64) * m, t).clamp_(lo, hi)
+                for x, m in zip(xs, ms, strict=True)
+            ]
+            return torch.cat(parts, dim=1).to(torch.float32)
 
-            def run_maxpool(x):
-                # Max over codes is exact in float; F.max_pool2d pads with -inf (never wins).
-                return F.max_pool2d(
-                    x.to(torch.float32),
-                    a["kernel"],
-                    a["stride"],
-                    a["padding"],
-                    a["dilation"],
-                    a["ceil_mode"],
-                )
+        return run_concat
 
-            return run_maxpool
-        if node.op == "avgpool2d":
-            dtype = _float_dtype(a["acc_bound"], dev)
-            self.paths[node.name] = str(dtype).replace("torch.", "")
+    def _build_maxpool(self, node: Node) -> Callable:
+        a = node.attrs
 
-            def run_avgpool(x):
-                total = F.avg_pool2d(
-                    x.to(dtype),
-                    a["kernel"],
-                    a["stride"],
-                    a["padding"],
-                    count_include_pad=True,
-                    divisor_override=1,
-                )
-                return _exact(total, dev)
+        def run_maxpool(x):
+            # Max over codes is exact in float; F.max_pool2d pads with -inf (never wins).
+            return F.max_pool2d(
+                x.to(torch.float32),
+                a["kernel"],
+                a["stride"],
+                a["padding"],
+                a["dilation"],
+                a["ceil_mode"],
+            )
 
-            return run_avgpool
-        if node.op == "mul":
-            self.paths[node.name] = "int64"
-            lo, hi, shift, m = a["lo"], a["hi"], a["shift"], a["m"]
+        return run_maxpool
 
-            def run_mul(x_a, x_b):
-                acc = x_a.to(torch.int64) * x_b.to(torch.int64) * m
-                return _rounding_shift(acc, shift).clamp_(lo, hi).to(torch.float32)
+    def _build_avgpool(self, node: Node) -> Callable:
+        a = node.attrs
+        dev = self.device
+        dtype = _float_dtype(a["acc_bound"], dev)
+        self.paths[node.name] = str(dtype).replace("torch.", "")
 
-            return run_mul
-        if node.op == "lut":
-            table = self._param(node, "table", torch.float32)
-            offset = a["offset"]
+        def run_avgpool(x):
+            total = F.avg_pool2d(
+                x.to(dtype),
+                a["kernel"],
+                a["stride"],
+                a["padding"],
+                count_include_pad=True,
+                divisor_override=1,
+            )
+            return _exact(total, dev)
 
-            def run_lut(x):
-                return table[x.to(torch.int64) - offset]
+        return run_avgpool
 
-            return run_lut
-        if node.op == "adaptive_avgpool2d":
-            self.paths[node.name] = "float64"
-            h, w = self.program.tensors[node.inputs[0]].shape[1:]
-            matrix = adaptive_pool_matrix((h, w), a["out_size"], a["lcm"])
-            pool = torch.as_tensor(matrix, device=dev).to(torch.float64)
-            oh, ow = a["out_size"]
+    def _build_mul(self, node: Node) -> Callable:
+        a = node.attrs
+        self.paths[node.name] = "int64"
+        lo, hi, shift, m = a["lo"], a["hi"], a["shift"], a["m"]
 
-            def run_adaptive(x):
-                # Integer products and sums below 2^31 (acc_bound): exact in float64.
-                n, c = x.shape[:2]
-                flat = x.reshape(n, c, h * w).to(torch.float64)
-                return (flat @ pool).reshape(n, c, oh, ow)
+        def run_mul(x_a, x_b):
+            acc = x_a.to(torch.int64) * x_b.to(torch.int64) * m
+            return shift_round(acc, shift).clamp_(lo, hi).to(torch.float32)
 
-            return run_adaptive
-        if node.op == "flatten":
-            return lambda x: x.reshape(x.shape[0], -1)
-        if node.op == "reshape":
-            return lambda x: x.reshape(x.shape[0], *a["shape"])
-        if node.op == "transpose":
-            perm = (0, *(p + 1 for p in a["perm"]))
-            return lambda x: x.permute(perm)
-        if node.op == "slice":
-            axis, start, length = a["axis"] + 1, a["start"], a["end"] - a["start"]
-            return lambda x: x.narrow(axis, start, length)
-        raise NotImplementedError(f"torch runtime has no op {node.op!r}")
+        return run_mul
+
+    def _build_lut(self, node: Node) -> Callable:
+        table = self._param(node, "table", torch.float32)
+        offset = node.attrs["offset"]
+
+        def run_lut(x):
+            return table[x.to(torch.int64) - offset]
+
+        return run_lut
+
+    def _build_adaptive_avgpool(self, node: Node) -> Callable:
+        a = node.attrs
+        self.paths[node.name] = "float64"
+        h, w = self.program.tensors[node.inputs[0]].shape[1:]
+        matrix = adaptive_pool_matrix((h, w), a["out_size"], a["lcm"])
+        pool = torch.as_tensor(matrix, device=self.device).to(torch.float64)
+        oh, ow = a["out_size"]
+
+        def run_adaptive(x):
+            # Integer products and sums below 2^31 (acc_bound): exact in float64.
+            n, c = x.shape[:2]
+            flat = x.reshape(n, c, h * w).to(torch.float64)
+            return (flat @ pool).reshape(n, c, oh, ow)
+
+        return run_adaptive
+
+    def _build_flatten(self, node: Node) -> Callable:
+        return lambda x: x.reshape(x.shape[0], -1)
+
+    def _build_reshape(self, node: Node) -> Callable:
+        shape = node.attrs["shape"]
+        return lambda x: x.reshape(x.shape[0], *shape)
+
+    def _build_transpose(self, node: Node) -> Callable:
+        perm = (0, *(p + 1 for p in node.attrs["perm"]))
+        return lambda x: x.permute(perm)
+
+    def _build_slice(self, node: Node) -> Callable:
+        a = node.attrs
+        axis, start, length = a["axis"] + 1, a["start"], a["end"] - a["start"]
+        return lambda x: x.narrow(axis, start, length)
 
     def _build_int8_gemm(self, node: Node) -> Callable | None:
         """conv2d/linear as im2col + int8 GEMM (module docstring), or None where the codes do not
@@ -452,7 +468,7 @@ class CompiledProgram:
     def _build_affine(self, node: Node) -> Callable:
         """The input op (pixels) and the affine op (codes): one rule, x*a[c] + b[c] >> t."""
         a = node.attrs
-        lo, hi = (a["qmin"], a["qmax"]) if node.op == "input" else (a["lo"], a["hi"])
+        lo, hi = a["lo"], a["hi"]
         t = a["shift"]
         x = self.program.tensors[node.inputs[0]]
         ca, cb = node.params["a"], node.params["b"]
@@ -486,13 +502,13 @@ class CompiledProgram:
 
         def run_affine(x):
             acc = x.to(torch.int64) * scale_a + bias_b
-            return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
+            return shift_round(acc, t).clamp_(lo, hi).to(torch.float32)
 
         return run_affine
 
     def _build_requantize(self, node: Node) -> Callable:
         lo, hi = node.attrs["lo"], node.attrs["hi"]
-        m, t = node.params["m"], node.params["t"]
+        m, t = node.params["m"], node.params["shift"]
         ndim = len(self.program.tensors[node.inputs[0]].shape) + 1
         bound = self._acc_bound(node.inputs[0])
         # Codes leave as uint8 or float32, exact below 2^24 (logits may need int64). The kernel
@@ -535,7 +551,7 @@ class CompiledProgram:
         narrow = hi - lo <= 1 << 16
 
         def run_requantize(acc):
-            y = _rounding_shift(acc.to(torch.int64) * m_t, t_t).clamp_(lo, hi)
+            y = shift_round(acc.to(torch.int64) * m_t, t_t).clamp_(lo, hi)
             return y.to(torch.float32) if narrow else y
 
         return run_requantize
@@ -611,7 +627,7 @@ class CompiledProgram:
 
         def run_add(x_a, x_b):
             acc = x_a.to(torch.int64) * m_a + x_b.to(torch.int64) * m_b
-            return _rounding_shift(acc, t).clamp_(lo, hi).to(torch.float32)
+            return shift_round(acc, t).clamp_(lo, hi).to(torch.float32)
 
         return run_add
 
@@ -654,3 +670,26 @@ class CompiledProgram:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = reduced
         return env[self.output].to(torch.int64).to(torch.int32).cpu().numpy()
+
+
+# The torch runtime's lowering of each op of the registry (intprog.ops): a builder that returns
+# the step's function, or Unsupported with the reason.
+LOWERINGS: dict[str, Callable | Unsupported] = {
+    "input": CompiledProgram._build_affine,
+    "affine": CompiledProgram._build_affine,
+    "conv2d": CompiledProgram._build_layer,
+    "linear": CompiledProgram._build_layer,
+    "requantize": CompiledProgram._build_requantize,
+    "add": CompiledProgram._build_add,
+    "concat": CompiledProgram._build_concat,
+    "mul": CompiledProgram._build_mul,
+    "lut": CompiledProgram._build_lut,
+    "maxpool2d": CompiledProgram._build_maxpool,
+    "avgpool2d": CompiledProgram._build_avgpool,
+    "adaptive_avgpool2d": CompiledProgram._build_adaptive_avgpool,
+    "flatten": CompiledProgram._build_flatten,
+    "reshape": CompiledProgram._build_reshape,
+    "transpose": CompiledProgram._build_transpose,
+    "slice": CompiledProgram._build_slice,
+    "output": Unsupported("computes nothing: the compiled program returns the logits it reads"),
+}

@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
+
 FORMAT = "lsqint-checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, foreign, or for another model."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

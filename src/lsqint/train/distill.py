@@ -13,15 +13,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..errors import UsageError
+
 
 class DistillLoss:
     """A training criterion ``(logits, labels, images) -> loss`` with a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.5) -> None:
         if not temperature > 0:
-            raise ValueError(f"--distill-t must be positive, got {temperature}")
+            raise UsageError(f"--distill-t must be positive, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"--distill-alpha must be in [0, 1], got {alpha}")
+            raise UsageError(f"--distill-alpha must be in [0, 1], got {alpha}")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)

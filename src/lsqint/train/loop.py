@@ -16,16 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import TrainingError
 from ..qat.prepare import freeze_batchnorm_
 from ..quant import LSQQuantizer
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, all_reduce_sum
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. the loss became NaN); saved checkpoints are left intact."""
 
 
 @dataclass
@@ -72,7 +69,11 @@ def cosine_schedule(optimizer, total_steps: int) -> torch.optim.lr_scheduler.Lam
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, amp: bool = False) -> dict[str, float]:
-    """Top-1 accuracy and mean loss over a loader (summed over ranks under DDP)."""
+    """Top-1 accuracy and mean loss over a loader. Under DDP each rank reads its own shard of
+    the split (every image once, no padding: ``data.make_loader``) and the counts are summed
+    over ranks, so every rank returns the whole split's figures. ``model`` must be the plain
+    module, not the DDP wrapper: shards may differ in batch count, and DDP's forward joins a
+    collective per batch."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -84,6 +85,7 @@ def evaluate(model: nn.Module, loader, device, amp: bool = False) -> dict[str, f
         correct += (logits.argmax(1) == labels).sum().item()
         total += labels.numel()
     model.train(was_training)
+    loss_sum, correct, total = all_reduce_sum([loss_sum, correct, total], device)
     return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
 
 
@@ -116,6 +118,11 @@ class Trainer:
             if cfg.max_steps_per_epoch is None
             else min(len(train_loader), cfg.max_steps_per_epoch)
         )
+        if steps == 0:
+            raise TrainingError(
+                "the training split is empty on this process (0 batches); check --data-root "
+                "(and, under torchrun, that every process gets images)"
+            )
         self.steps_per_epoch = steps
         self._wrap_model()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -236,7 +243,7 @@ class Trainer:
             start = time.time()
             lr = self.optimizer.param_groups[0]["lr"]
             train = self._train_epoch()
-            val = evaluate(self.net, self.val_loader, self.device, self.cfg.amp)
+            val = evaluate(self.model, self.val_loader, self.device, self.cfg.amp)
             self.epoch += 1
             improved = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])

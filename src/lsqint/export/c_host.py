@@ -1,4 +1,4 @@
-"""The ``c`` runtime: the program's generated C (``export.c_code``) compiled by this machine's C
+"""The ``c`` runtime on the host: the generated C (``export.c_code``) compiled by this machine's C
 compiler into a shared library and called through ctypes, one image per call.
 
 It exists so that every differential test checks the code a microcontroller would run against
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import os
 import shutil
 import subprocess
 import tempfile
@@ -18,28 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ToolError
 from ..intprog.program import IntProgram
+from ..toolchain import c_compiler
+from .c_code import export_c
 
 ENTRY = "lsqint_model"
-
-
-def c_compiler() -> str | None:
-    """The C compiler to use: $CC, else cc, else gcc; None when there is none."""
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return name
-    return None
 
 
 class CompiledC:
     """``program`` as a host shared library; ``self(images)`` -> int32 logits (N, classes)."""
 
     def __init__(self, program: IntProgram, opt: str = "-O2"):
-        from ..export.c_code import export_c
-
         compiler = c_compiler()
         if compiler is None:
-            raise RuntimeError(
+            raise ToolError(
                 "the c runtime needs a C compiler (cc or gcc; or set $CC); install one, e.g. "
                 "`apt-get install gcc`"
             )
@@ -55,7 +47,7 @@ class CompiledC:
         )
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["(no output)"])[0]
-            raise RuntimeError(f"compiling the generated C failed: {first}")
+            raise ToolError(f"compiling the generated C failed: {first}")
         self.export = info
         self._lib = ctypes.CDLL(str(library))
         self._run = getattr(self._lib, f"{ENTRY}_run")

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet
-from .intprog import IntProgram
-from .intprog.artifact import float_state_bytes, program_num_params
+from ..data import ImageSet
+from ..intprog import IntProgram
+from ..intprog.artifact import float_state_bytes, program_num_params
+from ..runtime import CompiledProgram, run
+from ..train import load_checkpoint
 from .runs import build_float_model
-from .runtime import CompiledProgram, run
-from .train import load_checkpoint
 
 
 def images_and_labels(dataset: ImageSet | Any, limit: int | None = None):
@@ -55,7 +55,7 @@ def integer_predictions(
     if runtime in ("torch", "torch-int8"):
         compiled = CompiledProgram(program, device, int8_gemm=runtime == "torch-int8")
     elif runtime in ("onnx", "onnx-qlinear"):
-        from .export.onnx_int import OnnxSession
+        from ..export.onnx_int import OnnxSession
 
         compiled = OnnxSession(program, qlinear=runtime == "onnx-qlinear")
     preds = []

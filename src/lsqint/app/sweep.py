@@ -11,10 +11,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from .data import load_data
+from ..data import load_data
+from ..errors import UsageError
+from ..intprog.artifact import load
+from ..qat.recipe import progressive_source, recipe_for
 from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels
-from .intprog.artifact import load
-from .qat.recipe import progressive_source, recipe_for
 from .runs import PROGRAM_FILE, load_qat_model, qat_run_dir
 from .workflow import RunArgs, default_float_checkpoint, train_float, train_qat
 
@@ -27,7 +28,7 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
         try:
             w, a = (int(v) for v in item.split(","))
         except ValueError:
-            raise ValueError(f"bad W,A pair {item!r}; write pairs like '8,8 4,4 2,2'") from None
+            raise UsageError(f"bad W,A pair {item!r}; write pairs like '8,8 4,4 2,2'") from None
         pairs.append((w, a))
     return pairs
 

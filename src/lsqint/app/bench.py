@@ -1,5 +1,5 @@
-"""Speed ratios measured side by side in one run (DESIGN section 10), for `lsqint bench` and the
-scripts in benchmarks/.
+"""Speed ratios measured side by side in one run (docs/design.md, section 10), for `lsqint bench`
+and the scripts in benchmarks/.
 
     qat_overhead     training step time: lsqint QAT and PyTorch's LSQ peer, each / float
     int_inference    images/s: torch integer runtime and the reference, each / float32 eager
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .intprog import convert
-from .models import create_model
-from .qat import QuantConfig, calibrate_, prepare_qat
-from .runtime import CompiledProgram, run_reference
+from ..models import create_model
+from ..qat import QuantConfig, calibrate_, prepare_qat
+from ..qat.convert import convert
+from ..runtime import CompiledProgram, run_reference
 
 
 def evidence(command: str) -> dict:
@@ -304,8 +304,8 @@ def onnx_inference(
     ONNX Runtime's intra-op threads (0: its default)."""
     import onnxruntime as ort
 
-    from .export.onnx_int import ExportError, OnnxSession
-    from .export.onnx_qdq import to_qdq_model
+    from ..export.onnx_int import ExportError, OnnxSession
+    from ..export.onnx_qdq import to_qdq_model
 
     images = _images(model, batch, image_size)
     images_np = images.numpy()

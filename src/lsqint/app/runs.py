@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import __version__
-from .data import Data
-from .models import create_model
-from .qat import QuantConfig, freeze_batchnorm_, prepare_qat
-from .train import CheckpointError, load_checkpoint
+from .. import __version__
+from ..data import Data
+from ..models import create_model
+from ..qat import QuantConfig, freeze_batchnorm_, prepare_qat
+from ..train import CheckpointError, load_checkpoint
 
 PROGRAM_FILE = "best.intprog.safetensors"
 
@@ -118,3 +118,68 @@ def load_weights(model: nn.Module, weights: dict, path) -> None:
             f"checkpoint {path} does not fit this model ({first}); pass the "
             "checkpoint of the same --model and --num-classes"
         ) from None
+
+
+def load_plain_state_dict(path) -> dict[str, torch.Tensor] | None:
+    """A file that holds only a model's weights (a plain ``state_dict``, as torchvision's
+    pretrained downloads, optionally under 'state_dict' or 'model'); None for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: load_checkpoint's error says so
+        return None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not state or not isinstance(state, dict):
+        return None
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        return None
+    return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's saved prefix
+
+
+def fit_plain_state_dict(model: nn.Module, weights: dict, path) -> dict[str, torch.Tensor]:
+    """``weights`` (a plain state_dict) as a full state_dict of ``model``: keys are matched as
+    they are or under the model's torchvision wrapper (``1.``, after lsqint's Normalize); a
+    classifier of another class count is left at its initialization, and said so; anything else
+    that does not match is refused naming the first few keys."""
+    own = model.state_dict()
+    prefixes = [""] + sorted({k.split(".", 1)[0] + "." for k in own if "." in k})
+    prefix = max(prefixes, key=lambda p: sum(p + k in own for k in weights))
+    mapped = {prefix + k: v for k, v in weights.items()}
+    unknown = [k for k in mapped if k not in own]
+    if unknown:
+        raise CheckpointError(
+            f"{path}: {len(unknown)} weights are not in --model's state_dict (first: "
+            f"{', '.join(k.removeprefix(prefix) for k in unknown[:3])}); pass weights of the "
+            "same architecture"
+        )
+    shape_mismatch = [k for k, v in mapped.items() if v.shape != own[k].shape]
+    last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+    classifier = {f"{n}.{p}" for n in last_linear for p in ("weight", "bias")}
+    if shape_mismatch and not set(shape_mismatch) <= classifier:
+        first = [k for k in shape_mismatch if k not in classifier][:3]
+        raise CheckpointError(
+            f"{path}: weight shapes differ from --model's ("
+            + ", ".join(f"{k}: {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}" for k in first)
+            + "); pass weights of the same architecture"
+        )
+    if shape_mismatch:
+        print(
+            f"[init] {path}: classifier has {mapped[shape_mismatch[0]].shape[0]} outputs, the "
+            f"model {own[shape_mismatch[0]].shape[0]}: the classifier is left at its "
+            "initialization (fine-tune it)"
+        )
+    missing = [
+        k for k in own if k not in mapped and k.split(".")[-1] not in ("mean", "std")
+    ]  # lsqint's Normalize statistics come from the dataset, not the file
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} of --model's weights are not in the file (first: "
+            f"{', '.join(missing[:3])}); pass weights of the same architecture"
+        )
+    fitted = dict(own)
+    fitted.update({k: v for k, v in mapped.items() if k not in shape_mismatch})
+    return fitted

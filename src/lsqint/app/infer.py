@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import load_data
+from ..data import load_data
+from ..intprog.artifact import load
+from ..train import CheckpointError
 from .evaluation import artifact_sizes, compare, images_and_labels, write_json
-from .intprog.artifact import load
 from .runs import PROGRAM_FILE, load_qat_model, qat_run_dir
-from .train import CheckpointError
 from .workflow import RunArgs
 
 

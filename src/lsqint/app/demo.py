@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_data
+from ..data import load_data
+from ..intprog.artifact import load
+from ..runtime import run
 from .evaluation import artifact_sizes, compare, float_accuracy, images_and_labels, write_json
-from .intprog.artifact import load
 from .runs import load_qat_model
-from .runtime import run
 from .sweep import parse_pairs
 from .workflow import digits_args, train_float, train_qat
 

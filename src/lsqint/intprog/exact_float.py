@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fixedpoint import half
+
 F32_EXACT_INT = 1 << 24  # every integer of magnitude below 2^24 is exact in float32
 
 
 def _f_exact(x: int, m: int, b: int, t: int) -> int:
-    return (x * m + b + (1 << (t - 1))) >> t  # Python ints: exact
+    return (x * m + b + half(t)) >> t  # Python ints: exact
 
 
 def _g_float(x, M, C, rounding: str = "floor") -> np.ndarray:
@@ -71,7 +73,7 @@ def affine_step_plan(
         return None
     thresholds = []
     for k in range(lo + 1, hi + 1):
-        num = k * (1 << t) - (1 << (t - 1)) - b
+        num = k * (1 << t) - half(t) - b
         thresholds.append((k, -((-num) // m)))  # ceil(num / m)
     window_lo, window_hi = -np.inf, np.inf
     for k, T in thresholds:
@@ -147,13 +149,13 @@ def add_plan(
     if a.size * b.size > 1 << 17:
         return None
     A, B = np.meshgrid(a, b, indexing="ij")
-    exact = np.clip((A * m_a + B * m_b + (1 << (t - 1))) >> t, lo, hi)
+    exact = np.clip((A * m_a + B * m_b + half(t)) >> t, lo, hi)
     Ma, Mb = dtype(m_a / 2.0**t), dtype(m_b / 2.0**t)
     fa = np.multiply(A.astype(dtype), Ma, dtype=dtype)
     fb = np.multiply(B.astype(dtype), Mb, dtype=dtype)
     s = np.add(fa, fb, dtype=dtype)
-    half = 0.5 if rounding == "floor" else 0.0
-    for C in (dtype(half), dtype(half + 2.0**-12), dtype(half - 2.0**-12)):
+    c0 = 0.5 if rounding == "floor" else 0.0
+    for C in (dtype(c0), dtype(c0 + 2.0**-12), dtype(c0 - 2.0**-12)):
         approx = np.clip(_ROUND[rounding](np.add(s, C, dtype=dtype)), lo, hi).astype(np.int64)
         if np.array_equal(approx, exact):
             return Ma, Mb, C
@@ -219,7 +221,7 @@ def qlinear_plan(
     if m <= 0 or not out_min <= lo <= hi <= out_max or hi - lo >= 64:
         return None
     s0 = m / 2.0**t
-    thresholds = [(k, -((-(k * (1 << t) - (1 << (t - 1)))) // m)) for k in range(lo + 1, hi + 1)]
+    thresholds = [(k, -((-(k * (1 << t) - half(t))) // m)) for k in range(lo + 1, hi + 1)]
     inside = [(k, T) for k, T in thresholds if x_min < T <= x_max]
     points = [x_min, x_max] + [p for _, T in thresholds for p in (T - 1, T)]
     xs = np.array(sorted({p for p in points if x_min <= p <= x_max}), dtype=np.int64)

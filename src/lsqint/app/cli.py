@@ -10,15 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-
-# Errors we expect from bad input: printed as one line, exit code 2, nothing overwritten.
-_USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    RuntimeError,
-)
+from .. import __version__
+from ..errors import LsqintError, UsageError
 
 
 def _at_least(lowest: int | float, kind=int):
@@ -48,6 +41,30 @@ class _FromRecipe:
 FROM_RECIPE = _FromRecipe()
 
 
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that reads a model's dataset and run folder."""
+    p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
+    p.add_argument(
+        "--dataset",
+        default="cifar10",
+        help="digits | synthetic | cifar10 | cifar100 | imagenet | tiny-imagenet | folder",
+    )
+    p.add_argument("--data-root", default=None, help="dataset folder (else $CIFAR10_ROOT, ...)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    p.add_argument("-tb", "--test-batch-size", type=_at_least(1), default=256)
+    p.add_argument(
+        "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
+    )
+    p.add_argument("--image-size", type=_at_least(1), default=None)
+    p.add_argument("--num-classes", type=_at_least(1), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", default="runs", help="root folder of checkpoints and logs")
+    p.add_argument(
+        "--workers", type=_at_least(0), default=2, help="DataLoader workers (folder datasets)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
 def _common(
     p: argparse.ArgumentParser,
     lr: float | _FromRecipe,
@@ -57,17 +74,9 @@ def _common(
 ) -> None:
     """The flags every training command takes; ``recipe``: --grad-clip defaults to the QAT
     recipe's (FROM_RECIPE)."""
-    p.add_argument("--model", default="resnet20", help="model name (see lsqint.models)")
-    p.add_argument(
-        "--dataset",
-        default="cifar10",
-        help="digits | synthetic | cifar10 | cifar100 | imagenet | tiny-imagenet | folder",
-    )
-    p.add_argument("--data-root", default=None, help="dataset folder (else $CIFAR10_ROOT, ...)")
-    p.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    _data_flags(p)
     p.add_argument("-e", "--epochs", type=_at_least(1), default=epochs)
     p.add_argument("-b", "--batch-size", type=_at_least(1), default=128)
-    p.add_argument("-tb", "--test-batch-size", type=_at_least(1), default=256)
     p.add_argument("--lr", type=_at_least(0.0, float), default=lr)
     p.add_argument("--momentum", type=_at_least(0.0, float), default=0.9)
     p.add_argument("--weight-decay", "--wd", type=_at_least(0.0, float), default=weight_decay)
@@ -78,31 +87,31 @@ def _common(
         help="clip the gradients' total L2 norm to this before each step ('none': no clipping)"
         + ("; default: the QAT recipe's" if recipe else ""),
     )
-    p.add_argument(
-        "--cuda", type=int, default=None, help="GPU id; -1 for CPU (default: GPU 0 when available)"
-    )
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt of this run")
-    p.add_argument("--image-size", type=_at_least(1), default=None)
-    p.add_argument("--num-classes", type=_at_least(1), default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-dir", default="runs", help="root folder of checkpoints and logs")
-    p.add_argument(
-        "--workers", type=_at_least(0), default=2, help="DataLoader workers (folder datasets)"
-    )
     p.add_argument(
         "--overwrite", action="store_true", help="let a fresh run replace the run in its folder"
     )
     p.add_argument("--max-steps-per-epoch", type=_at_least(1), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _bits_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
+    p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
+
+
+def _runtime_flag(p: argparse.ArgumentParser, help_text: str) -> None:
+    """--runtime, its choices read from the runtime registry (checked before any work)."""
+    from ..runtime import RUNTIMES
+
+    p.add_argument("--runtime", default="torch", choices=sorted(RUNTIMES), help=help_text)
 
 
 def _quant_flags(p: argparse.ArgumentParser, bits: bool = True, recipe: bool = False) -> None:
     """-w/-a (unless ``bits`` is False: the sweep takes pairs), weight layout, first/last bits;
     ``recipe``: --residual-bits defaults to the QAT recipe's."""
     if bits:
-        p.add_argument("-w", "--w-num-bits", type=int, default=4, help="weight bits (2-8)")
-        p.add_argument("-a", "--a-num-bits", type=int, default=4, help="activation bits (2-8)")
+        _bits_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True)
     g.add_argument("--per-tensor", dest="per_channel", action="store_false")
@@ -180,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("infer", help="integer-only evaluation (seed: q_inference.py)")
-    _common(p, lr=0.0, epochs=0)
-    _quant_flags(p)
+    _data_flags(p)
+    _bits_flags(p)
     p.add_argument(
         "--program",
         default=None,
@@ -193,11 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="QAT checkpoint for the fake-quant comparison (default: best.pt next to the program)",
     )
-    p.add_argument(
-        "--runtime",
-        default="torch",
-        help="reference | torch | torch-int8 (int8 GEMMs, for CUDA) | onnx | onnx-qlinear | c",
-    )
+    _runtime_flag(p, "torch-int8: int8 GEMMs (for CUDA); reference: numpy, the definition")
     p.add_argument(
         "--limit", type=_at_least(1), default=None, help="evaluate N evenly spaced images only"
     )
@@ -218,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--float-init", default=None, help="use this float checkpoint as the baseline")
     p.add_argument("--out", default="sweep", help="folder for runs, sweep.json/.md/.png")
-    p.add_argument("--runtime", default="torch", help="runtime for the integer top-1")
+    _runtime_flag(p, "runtime for the integer top-1")
     p.add_argument(
         "--reevaluate", action="store_true", help="measure finished pairs again (no retraining)"
     )
@@ -288,7 +293,7 @@ def _run_args(ns: argparse.Namespace):
 
 def _recipe_overrides(ns: argparse.Namespace) -> dict:
     """The recipe fields the command line gave (the rest keep FROM_RECIPE)."""
-    from .qat.recipe import RECIPE_FIELDS
+    from ..qat.recipe import RECIPE_FIELDS
 
     given = {k: getattr(ns, k) for k in RECIPE_FIELDS}
     if ns.command == "sweep":  # -e, --lr and --wd are the float baseline's there
@@ -297,7 +302,7 @@ def _recipe_overrides(ns: argparse.Namespace) -> dict:
 
 
 def _qat_recipe(ns: argparse.Namespace):
-    from .qat.recipe import recipe_for
+    from ..qat.recipe import recipe_for
 
     return dataclasses.replace(recipe_for(ns.w_num_bits, ns.a_num_bits), **_recipe_overrides(ns))
 
@@ -312,20 +317,30 @@ def main(argv: list[str] | None = None) -> int:
             "lsqint: interrupted; the last finished epoch's checkpoint is intact", file=sys.stderr
         )
         return 130
-    except _USER_ERRORS as err:
+    except (LsqintError, FileNotFoundError) as err:  # bad input: one line, exit 2
         if os.environ.get("LSQINT_DEBUG"):
             raise  # the full traceback, for bug reports
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lsqint {ns.command}: error: {_first_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug in lsqint or a library below it
+        if os.environ.get("LSQINT_DEBUG"):
+            raise
         print(
-            f"lsqint {ns.command}: error: {message} (LSQINT_DEBUG=1 shows the traceback)",
+            f"lsqint {ns.command}: internal error: {type(err).__name__}: {_first_line(err)} "
+            "(a bug; rerun with LSQINT_DEBUG=1 for the traceback and report it)",
             file=sys.stderr,
         )
-        return 2
+        return 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
+    from ..train import init_distributed, shutdown_distributed
     from . import workflow
-    from .train import init_distributed, shutdown_distributed
 
     if ns.command in ("train", "qat"):
         import torch
@@ -373,13 +388,13 @@ def _dispatch(ns: argparse.Namespace) -> int:
         write_json(ns.json, result)
         return 0
     if ns.command == "export":
-        from .intprog.artifact import load
+        from ..intprog.artifact import load
 
         program = load(ns.program)
         if ns.format == "c":
             if not ns.out:
-                raise ValueError("--format c needs --out DIR (the folder for NAME.h and NAME.c)")
-            from .export.c_code import export_c
+                raise UsageError("--format c needs --out DIR (the folder for NAME.h and NAME.c)")
+            from ..export.c_code import export_c
 
             info = export_c(program, ns.out, ns.name)
             print(
@@ -389,9 +404,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
             )
             return 0
         if not ns.onnx:
-            raise ValueError(f"--format {ns.format} needs --onnx PATH")
+            raise UsageError(f"--format {ns.format} needs --onnx PATH")
         if ns.format in ("int", "int-float", "qlinear"):
-            from .export.onnx_int import export_onnx
+            from ..export.onnx_int import export_onnx
 
             size = export_onnx(
                 program,
@@ -400,7 +415,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
                 qlinear=ns.format == "qlinear",
             )
         else:
-            from .export.onnx_qdq import export_onnx
+            from ..export.onnx_qdq import export_onnx
 
             size = export_onnx(program, ns.onnx)
         print(f"wrote {ns.onnx} ({size} bytes, {ns.format} format)")

@@ -12,37 +12,40 @@ from typing import Any
 import torch
 from torch import fx
 
-from .data import load_data, make_loader
-from .intprog import convert
-from .intprog.artifact import save
-from .qat import QuantConfig, calibrate_, freeze_batchnorm_
-from .qat.modules import QuantConv2d, QuantConvBn2d, QuantLinear
-from .runs import (
-    PROGRAM_FILE,
-    build_float_model,
-    build_qat_model,
-    holds_batchnorm,
-    load_weights,
-    model_meta,
-    qat_run_dir,
-    run_dir,
-)
-from .train import (
+from ..data import load_data, make_loader
+from ..errors import UsageError
+from ..intprog.artifact import save
+from ..qat import QuantConfig, calibrate_, freeze_batchnorm_
+from ..qat.convert import convert
+from ..qat.modules import QuantConv2d, QuantConvBn2d, QuantLinear
+from ..train import (
     CheckpointError,
     DistInfo,
     TrainConfig,
     Trainer,
     load_checkpoint,
 )
-from .train.checkpoint import check_compatible
-from .train.distill import DistillLoss
+from ..train.checkpoint import check_compatible
+from ..train.distill import DistillLoss
+from .runs import (
+    PROGRAM_FILE,
+    build_float_model,
+    build_qat_model,
+    fit_plain_state_dict,
+    holds_batchnorm,
+    load_plain_state_dict,
+    load_weights,
+    model_meta,
+    qat_run_dir,
+    run_dir,
+)
 
 
 def _device(cuda: int) -> torch.device:
     if cuda is None or cuda < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"--cuda {cuda} asked for a GPU but CUDA is not available; pass --cuda -1")
+        raise UsageError(f"--cuda {cuda} asked for a GPU but CUDA is not available; pass --cuda -1")
     return torch.device("cuda", cuda)
 
 
@@ -106,7 +109,7 @@ def _setup(args: RunArgs, dist: DistInfo | None):
     torch.manual_seed(args.seed)
     data = load_data(args.dataset, args.data_root, args.image_size, args.download)
     if args.num_classes is not None and args.num_classes < data.spec.num_classes:
-        raise ValueError(
+        raise UsageError(
             f"--num-classes {args.num_classes} is smaller than the dataset's "
             f"{data.spec.num_classes} classes"
         )
@@ -160,17 +163,32 @@ def train_float(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     model = build_float_model(meta).to(device).to(memory_format=torch.channels_last)
     out = run_dir(args.log_dir, args.dataset, args.model) / "float"
     if not args.resume and args.init:
-        load_weights(model, _float_weights(args.init, args), args.init)
+        load_weights(model, _float_weights(args.init, args, model), args.init)
     result = Trainer(model, train, val, _train_config(args, out, meta), device, dist).fit()
     result["checkpoint"] = str(out / "best.pt")
     result["model"] = model
     return result
 
 
-def _float_weights(path, args: RunArgs, state: dict | None = None) -> dict:
-    """The weights of a float checkpoint of ``args.model`` (``state``: the already loaded file)."""
-    state = state if state is not None else load_checkpoint(path)
+def _load_init(path) -> dict:
+    """An lsqint checkpoint, or a plain state_dict (pretrained weights a user downloaded) as a
+    float checkpoint whose weights ``_float_weights`` fits to the model."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError:
+        plain = load_plain_state_dict(path) if Path(path).is_file() else None
+        if plain is None:
+            raise
+        return {"meta": {"kind": "float", "plain_state_dict": True}, "model": plain}
+
+
+def _float_weights(path, args: RunArgs, model, state: dict | None = None) -> dict:
+    """The weights of a float checkpoint (or plain state_dict) of ``args.model``, ready for
+    ``model`` (``state``: the already loaded file)."""
+    state = state if state is not None else _load_init(path)
     meta = state["meta"]
+    if meta.get("plain_state_dict"):
+        return fit_plain_state_dict(model, state["model"], path)
     if meta.get("kind") != "float":
         raise CheckpointError(
             f"{path} is a {meta.get('kind')} checkpoint; --init needs a float "
@@ -212,10 +230,10 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     distill = args.distill  # None: on when a float teacher is found
     if distill is None and args.resume:
         distill = saved is not None
-    init_state = None if args.resume else load_checkpoint(init)
+    init_state = None if args.resume else _load_init(init)
     qat_init = init_state is not None and init_state["meta"].get("kind") == "qat"
     if not args.resume and not qat_init:
-        load_weights(float_model, _float_weights(init, args, init_state), init)
+        load_weights(float_model, _float_weights(init, args, float_model, init_state), init)
     model = build_qat_model(meta, float_model)
     if not args.resume and qat_init:
         check_compatible(init_state["meta"], init, model=args.model)
@@ -251,7 +269,7 @@ def train_qat(args: RunArgs, dist: DistInfo | None = None) -> dict[str, Any]:
     if distill:
         teacher = build_float_model(meta)
         same = init_state if teacher_path == init else None  # the float --init: loaded already
-        load_weights(teacher, _float_weights(teacher_path, args, same), teacher_path)
+        load_weights(teacher, _float_weights(teacher_path, args, teacher, same), teacher_path)
         teacher = teacher.to(device).to(memory_format=torch.channels_last)
         criterion = DistillLoss(teacher, args.distill_t, args.distill_alpha)
         meta["distill"] = {

@@ -1,4 +1,5 @@
-"""convert(qat_model) -> IntProgram: lower a trained QAT graph to integer ops (DESIGN section 4).
+"""convert(qat_model) -> IntProgram: lower a trained QAT graph to integer ops
+(docs/design.md, section 4).
 
 The walk follows the QAT graph in order and tracks, for each fx node, what integer value it holds:
 
@@ -28,20 +29,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from ..models.common import Normalize
-from ..qat.graph import (
-    UnsupportedOpError,
-    apply_lut_function,
-    cat_inputs,
-    describe,
-    mean_keepdim,
-    movement_dims,
-    node_kind,
-)
-from ..qat.modules import QuantConvBn2d
-from ..qat.prepare import freeze_batchnorm_, quantizers
-from ..quant import LSQQuantizer
-from .fixedpoint import (
+from ..errors import UsageError, UsageTypeError
+from ..intprog.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
     input_affine,
@@ -50,8 +39,22 @@ from .fixedpoint import (
     quantize_multiplier,
     quantize_multipliers,
 )
-from .program import IntProgram, Node, TensorSpec, adaptive_lcm
-from .verify import conv_acc_bound, verify
+from ..intprog.ops import adaptive_lcm, conv_acc_bound
+from ..intprog.program import IntProgram, Node, TensorSpec
+from ..intprog.verify import verify
+from ..models.common import Normalize
+from ..quant import LSQQuantizer
+from .graph import (
+    UnsupportedOpError,
+    apply_lut_function,
+    cat_inputs,
+    describe,
+    mean_keepdim,
+    movement_dims,
+    node_kind,
+)
+from .modules import QuantConvBn2d
+from .prepare import freeze_batchnorm_, quantizers
 
 
 @dataclass
@@ -154,16 +157,16 @@ def _weight_codes(layer, quantizer: LSQQuantizer) -> np.ndarray:
 def convert(qat_model: fx.GraphModule) -> IntProgram:
     """Lower a trained QAT model (from ``prepare_qat``) to a verified integer program."""
     if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, "lsqint_input_shape"):
-        raise TypeError("convert() takes the fx.GraphModule returned by lsqint.prepare_qat")
+        raise UsageTypeError("convert() takes the fx.GraphModule returned by lsqint.prepare_qat")
     missing = [name for name, q in quantizers(qat_model).items() if not bool(q.initialized)]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"the QAT model's step sizes were never initialized ({len(missing)} quantizers, e.g. "
             f"'{missing[0]}'): run a training-mode forward pass (lsqint.qat.calibrate_) or train it"
         )
     for name, p in qat_model.named_parameters():
         if not torch.isfinite(p).all():
-            raise ValueError(
+            raise UsageError(
                 f"parameter '{name}' holds NaN or inf: the QAT model is broken; "
                 "retrain from the last good checkpoint"
             )
@@ -304,7 +307,7 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
             "a": np.array([p[0] for p in ab], np.int64),
             "b": np.array([p[1] for p in ab], np.int64),
         }
-        attrs = {"shift": t, "qmin": lo, "qmax": hi}
+        attrs = {"shift": t, "lo": lo, "hi": hi}
         return Codes(b.emit("input", node.name, ["input"], out, attrs, params), s_out)
     if isinstance(src, Acc):
         m, t = quantize_multipliers(src.scale / s_out)
@@ -314,11 +317,12 @@ def _lower_quantizer(b: _Builder, node: fx.Node, src) -> Codes:
         acc_shape = b.tensors[src.tensor].shape
         if acc_shape == out.shape:
             return Codes(
-                b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "t": t}), s_out
+                b.emit("requantize", node.name, [src.tensor], out, attrs, {"m": m, "shift": t}),
+                s_out,
             )
         # A mean over (H, W) without keepdim: requantize the (C, 1, 1) sum, then flatten.
         full = dataclasses.replace(out, name=f"{node.name}_chw", shape=acc_shape)
-        codes = b.emit("requantize", full.name, [src.tensor], full, attrs, {"m": m, "t": t})
+        codes = b.emit("requantize", full.name, [src.tensor], full, attrs, {"m": m, "shift": t})
         return Codes(b.emit("flatten", node.name, [codes], out), s_out)
     if isinstance(src, PendingAdd):
         real_a, real_b = src.a.scale / s_out, src.b.scale / s_out
@@ -669,7 +673,7 @@ def _lower_output(b: _Builder, node: fx.Node, value) -> None:
         [value.tensor],
         out,
         {"lo": INT32_MIN, "hi": INT32_MAX},
-        {"m": m, "t": t},
+        {"m": m, "shift": t},
     )
     b.nodes.append(Node("output", "output", ["logits"], ""))
 
