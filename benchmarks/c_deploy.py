@@ -10,6 +10,13 @@ W2A2; no W8A8 CIFAR-10 program has been trained yet). For each one:
   Micro stores weights one byte each); the firmware run under qemu on real images, logits ==
   reference.
 - This host, one thread: images/s of the C compiled with -O3 against the torch runtime.
+
+Then the instruction counts on the emulated Cortex-M4 (qemu mps2-an386, -icount shift=0, the
+board's 25 MHz counter read around each inference: one tick is 40 instructions): instructions
+per inference and per MAC at -O2 and -Os, for every program above and for random-weight
+MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W2A2, beside MLPerf Tiny's published
+Cortex-M4 (STM32L4R5, 120 MHz) ResNet-8 latencies in cycles per MAC. Instructions are a lower
+bound on cycles, not cycles. `--mcu-only` skips the digits training and the host speed.
 """
 
 import argparse
@@ -21,13 +28,13 @@ import numpy as np
 import torch
 
 from lsqint.app.bench import format_rows, script_result, write_json
-from lsqint.data import load_data
 from lsqint.app.evaluation import images_and_labels
-from lsqint.export.mcu import build_firmware, model_object_sizes, run_qemu
+from lsqint.app.workflow import digits_args, train_float, train_qat
+from lsqint.data import load_data
+from lsqint.export.c_host import CompiledC
+from lsqint.export.mcu import build_firmware, model_object_sizes, program_macs, run_qemu
 from lsqint.intprog.artifact import load
 from lsqint.runtime import compile_program, run
-from lsqint.export.c_host import CompiledC
-from lsqint.app.workflow import digits_args, train_float, train_qat
 
 RESULTS = Path("docs/results/cifar10_resnet20_lowbit")
 
@@ -36,7 +43,20 @@ p.add_argument("--cifar-root", default="../shared/data/cifar10")
 p.add_argument("--host-images", type=int, default=512)
 p.add_argument("--qemu-images", type=int, default=8)
 p.add_argument("--json", default="bench_results/c_deploy.json")
+p.add_argument("--count-images", type=int, default=2, help="images per instruction count")
+p.add_argument("--mcu-only", action="store_true", help="only the instruction counts")
 args = p.parse_args()
+
+# MLPerf Tiny v1.x image classification (ResNet-8, 12,501,632 MACs) on its Cortex-M4 board
+# (STM32L4R5 at 120 MHz): published latency * 120 MHz / MACs.
+MACS_RESNET8 = 12_501_632
+ANCHORS = {
+    "ST X-CUBE-AI 9.0": 165e-3,
+    "Plumerai": 168e-3,
+    "microTVM + CMSIS-NN": 390e-3,
+    "TFLite Micro reference": 704e-3,
+}
+ANCHOR_CYCLES_PER_MAC = {k: round(s * 120e6 / MACS_RESNET8, 2) for k, s in ANCHORS.items()}
 torch.set_num_threads(1)
 
 
@@ -61,9 +81,37 @@ def images_per_s(fn, images) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-rows = []
+def random_programs():
+    """Random-weight programs (BatchNorm statistics from one batch) of the MLPerf Tiny ResNet-8
+    and resnet20: the shapes users compare, without a trained model."""
+    from lsqint.app.bench import program_for
+
+    for model in ("mlperf_resnet8", "resnet20"):
+        images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)  # calibration batch
+        for bits in (8, 4, 2):
+            yield f"{model} W{bits}A{bits} (random)", program_for(model, bits, images, 32), images
+
+
+def instruction_rows(label, program, images, tmp: Path) -> dict:
+    images = np.ascontiguousarray(images[: args.count_images])
+    expected = run(program, images)
+    macs = program_macs(program)
+    row = {"program": label, "macs": macs}
+    for opt in ("-O2", "-Os"):
+        firmware = build_firmware(program, images, tmp / f"count{opt}", opt=opt)
+        logits, instructions = run_qemu(firmware, count=True)
+        assert np.array_equal(logits, expected), f"{label} {opt}: qemu != reference"
+        per_image = int(np.median(instructions))
+        row[f"instr_{opt[1:]}"] = per_image
+        row[f"instr_per_mac_{opt[1:]}"] = round(per_image / macs, 2)
+    row["firmware_static_ram_bytes"] = firmware.data_bytes + firmware.bss_bytes
+    return row
+
+
+rows, mcu_rows = [], []
 with tempfile.TemporaryDirectory() as tmp:
-    for label, program, images in programs(Path(tmp) / "runs"):
+    trained = [] if args.mcu_only else programs(Path(tmp) / "runs")
+    for label, program, images in trained:
         images = images[: args.host_images]
         out = Path(tmp) / label.replace(" ", "_")
         host = CompiledC(program, opt="-O3")
@@ -92,5 +140,20 @@ with tempfile.TemporaryDirectory() as tmp:
             }
         )
         print(format_rows(rows[-1:]))
-print(format_rows(rows))
-write_json(args.json, script_result("c_deploy", args, rows))
+        mcu_rows.append(instruction_rows(label, program, images, out))
+    if args.mcu_only:  # the committed CIFAR-10 programs, without the digits training
+        cifar = images_and_labels(load_data("cifar10", args.cifar_root).val, args.count_images)[0]
+        for name in ("w4a4", "w2a2"):
+            program = load(RESULTS / f"{name}.intprog.safetensors")
+            label = f"cifar10 resnet20 {name.upper()} (trained)"
+            mcu_rows.append(instruction_rows(label, program, cifar.numpy(), Path(tmp) / name))
+    for label, program, images in random_programs():
+        mcu_rows.append(instruction_rows(label, program, images.numpy(), Path(tmp) / label[:9]))
+        print(format_rows(mcu_rows[-1:]))
+if rows:
+    print(format_rows(rows))
+print(format_rows(mcu_rows))
+print("MLPerf Tiny ResNet-8 on the Cortex-M4 board, cycles per MAC:", ANCHOR_CYCLES_PER_MAC)
+result = script_result("c_deploy", args, rows)
+result.update(instructions=mcu_rows, mlperf_tiny_cycles_per_mac=ANCHOR_CYCLES_PER_MAC)
+write_json(args.json, result)

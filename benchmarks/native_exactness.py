@@ -17,8 +17,8 @@ import numpy as np
 
 from lsqint import load
 from lsqint.app.bench import path_counts, script_result, write_json
-from lsqint.data.datasets import load_data
 from lsqint.app.evaluation import images_and_labels
+from lsqint.data.datasets import load_data
 from lsqint.runtime import CompiledProgram, run_reference
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

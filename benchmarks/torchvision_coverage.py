@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from lsqint import QuantConfig, prepare_qat
-from lsqint.qat.convert import convert
 from lsqint.intprog.artifact import program_num_params
 from lsqint.models import create_model
 from lsqint.qat import calibrate_
+from lsqint.qat.convert import convert
 from lsqint.runtime import run
 
 FAMILIES = [

@@ -19,7 +19,7 @@ from lsqint.app.cli import main
 from lsqint.app.evaluation import images_and_labels
 from lsqint.data import load_data
 from lsqint.export.c_code import export_c, generate_c, plan_arena
-from lsqint.export.mcu import build_firmware, missing_tools, run_qemu
+from lsqint.export.mcu import build_firmware, missing_tools, program_macs, run_qemu
 from lsqint.intprog.artifact import load, save
 from lsqint.models import Normalize
 from lsqint.runtime import run
@@ -161,6 +161,24 @@ def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path):
         images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
     firmware = build_firmware(program, images, tmp_path)
     assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images))
+
+
+@pytest.mark.mcu
+@needs_arm
+def test_cortex_m4_instruction_count_is_deterministic_and_covers_every_mac(tmp_path):
+    """run_qemu(count=True): qemu's instruction-counted clock read around each inference. The
+    same image twice costs the same count; the portable loop spends at least one instruction
+    per multiply-accumulate; -O2 executes fewer instructions than -Os."""
+    _, program, images = random_qat_program("digits_cnn", QuantConfig(4, 4), seed=3)
+    x = np.repeat(images.numpy()[:1], 2, axis=0)
+    counts = {}
+    for opt in ("-O2", "-Os"):
+        firmware = build_firmware(program, x, tmp_path / opt, opt=opt)
+        logits, counts[opt] = run_qemu(firmware, timeout=300, count=True)
+        assert np.array_equal(logits, run(program, x))
+        assert counts[opt][0] == counts[opt][1]
+        assert counts[opt][0] >= program_macs(program)
+    assert counts["-O2"][0] < counts["-Os"][0]
 
 
 def test_missing_arm_tools_are_named(monkeypatch):

@@ -11,7 +11,7 @@ from lsqint.intprog import format_program
 from lsqint.runtime import RUNTIMES, run
 
 BITS = [2, 3, 4, 5, 8]
-MODELS = ["resnet20", "tiny_vgg", "digits_cnn"]
+MODELS = ["resnet20", "tiny_vgg", "digits_cnn"]  # + mlperf_resnet8 below
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -67,6 +67,17 @@ def test_printer_is_stable_and_lists_every_node():
     assert text.count("\n") == len(program.nodes)
     for op in ("input", "conv2d", "requantize", "maxpool2d", "avgpool2d", "flatten", "linear"):
         assert f"= {op}" in text
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (2, 2)])
+def test_mlperf_tiny_resnet8_converts_and_every_runtime_agrees(bits):
+    """MLPerf Tiny's ResNet-8 (the zoo's mlperf_resnet8): its 1x1 shortcut convs carry a bias
+    and no BatchNorm; 12,501,632 MACs per image, as the benchmark counts them."""
+    from lsqint.export.mcu import program_macs
+
+    _, program, images = random_qat_program("mlperf_resnet8", QuantConfig(*bits), seed=1)
+    assert program_macs(program) == 12_501_632
+    assert_runtimes_agree(program, images.numpy())
 
 
 @pytest.mark.parametrize("batch", [1, 15, 16, 17, 33])

@@ -12,9 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from lsqint.data import load_data
 from lsqint.app.evaluation import float_accuracy, images_and_labels
 from lsqint.app.sweep import _evaluate, plot
+from lsqint.data import load_data
 
 HERE = Path(__file__).parent
 FLOAT = "../shared/models/cifar10_resnet20_float.pt"

@@ -6,6 +6,13 @@ with Debian's bare-metal toolchain (``apt-get install gcc-arm-none-eabi libnewli
 qemu-system-arm``) for ``-mcpu=cortex-m4 -mthumb`` with the soft-float ABI, linked with the
 toolchain's example startup code and linker script (memory map of qemu's ``mps2-an386`` board:
 4 MiB at 0x0, 4 MiB at 0x20000000), and run by ``qemu-system-arm -M mps2-an386 -semihosting``.
+
+Counting instructions: with ``-icount shift=0`` qemu advances virtual time 1 ns per executed
+instruction, and the board's FPGAIO COUNTER (a 32-bit register at 0x40028018) counts at 25 MHz of
+that time, so one tick is 40 instructions. ``main`` reads it around each ``NAME_run`` and prints
+the difference; ``run_qemu(..., count=True)`` returns it. Instructions are a lower bound on a real
+Cortex-M4's cycles (loads, taken branches and multiply-accumulates of 64-bit results take more
+than one cycle; flash wait states add more), not cycles.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from .c_code import export_c
 TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
 EXAMPLES = Path("/usr/share/doc/gcc-arm-none-eabi/examples")
 CFLAGS = ("-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=soft", "-Os", "-std=c99")
+COUNTER_ADDRESS = 0x40028018  # mps2-an386 FPGAIO COUNTER: 25 MHz of virtual time
+INSTRUCTIONS_PER_TICK = 40  # with -icount shift=0: 1 ns per instruction, 40 ns per tick
 MEMORY = """MEMORY
 {
   FLASH (rx) : ORIGIN = 0x0, LENGTH = 0x400000
@@ -63,6 +72,8 @@ def _main_c(name: str, images: np.ndarray) -> str:
     return f"""#include <stdio.h>
 #include "{name}.h"
 
+#define COUNTER (*(volatile uint32_t *){COUNTER_ADDRESS:#x})
+
 static const uint8_t images[{n}][{size}] = {{
 {("," + chr(10)).join(rows)}
 }};
@@ -74,7 +85,10 @@ int main(void)
     static int32_t logits[{name.upper()}_NUM_CLASSES];
     int i, k;
     for (i = 0; i < {n}; i++) {{
+        uint32_t start = COUNTER, ticks;
         {name}_run(images[i], logits);
+        ticks = COUNTER - start;
+        printf("ticks %lu\\n", (unsigned long)ticks);
         printf("logits");
         for (k = 0; k < {name.upper()}_NUM_CLASSES; k++) printf(" %ld", (long)logits[k]);
         printf("\\n");
@@ -96,9 +110,14 @@ def _run(command: list[str], what: str, timeout: float) -> str:
 
 
 def build_firmware(
-    program: IntProgram, images: np.ndarray, out_dir: str | Path, name: str = "model"
+    program: IntProgram,
+    images: np.ndarray,
+    out_dir: str | Path,
+    name: str = "model",
+    opt: str = "-Os",
 ) -> Firmware:
-    """Cross-compile ``program`` and a main that classifies ``images`` (uint8, N x C x H x W)."""
+    """Cross-compile ``program`` and a main that classifies ``images`` (uint8, N x C x H x W);
+    ``opt``: the optimization flag (``-Os`` for flash, ``-O2`` for speed)."""
     missing = missing_tools()
     if missing:
         raise McuToolError(
@@ -114,7 +133,8 @@ def build_firmware(
     elf = out / f"{info.name}.elf"
     command = [
         "arm-none-eabi-gcc",
-        *CFLAGS,
+        *(flag for flag in CFLAGS if not flag.startswith("-O")),
+        opt,
         "--specs=rdimon.specs",
         "-D__STARTUP_CLEAR_BSS",
         "-D__START=_start",
@@ -143,14 +163,17 @@ def model_object_sizes(source: str | Path) -> dict[str, int]:
     return {"flash_bytes": text + data, "ram_bytes": data + bss}
 
 
-def run_qemu(firmware: Firmware, timeout: float = 600) -> np.ndarray:
-    """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32."""
+def run_qemu(firmware: Firmware, timeout: float = 600, count: bool = False):
+    """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32.
+    ``count``: run with ``-icount shift=0`` and also return each image's executed instructions
+    (int64 (N,), to within one counter tick of 40 instructions)."""
     command = [
         "qemu-system-arm",
         "-M",
         "mps2-an386",
         "-nographic",
         "-semihosting",
+        *(["-icount", "shift=0"] if count else []),
         "-kernel",
         str(firmware.elf),
     ]
@@ -158,4 +181,18 @@ def run_qemu(firmware: Firmware, timeout: float = 600) -> np.ndarray:
     rows = [line.split()[1:] for line in output.splitlines() if line.startswith("logits")]
     if not rows:
         raise McuToolError(f"the firmware printed no logits: {output.strip()[:200]!r}")
-    return np.array(rows, dtype=np.int64).astype(np.int32)
+    logits = np.array(rows, dtype=np.int64).astype(np.int32)
+    if not count:
+        return logits
+    ticks = [int(line.split()[1]) for line in output.splitlines() if line.startswith("ticks")]
+    return logits, np.array(ticks, dtype=np.int64) * INSTRUCTIONS_PER_TICK
+
+
+def program_macs(program: IntProgram) -> int:
+    """Multiply-accumulates of one image through every conv2d and linear of ``program``."""
+    total = 0
+    for node in program.nodes:
+        if node.op in ("conv2d", "linear"):
+            per_output = int(np.prod(node.params["weight"].shape[1:]))
+            total += per_output * int(np.prod(program.tensors[node.output].shape))
+    return total

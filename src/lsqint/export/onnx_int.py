@@ -383,12 +383,16 @@ def _qlinear_step(g: _Graph, node: Node) -> bool:
     return step is not None and step(g, node)
 
 
-def _onnx_layer(g: _Graph, node: Node) -> None:
+def _io(g: _Graph, node: Node):
+    """What a lowering reads: the program, the output's spec, the attributes, and the ONNX
+    names of the first input and of the output."""
     p = g.program
-    a = node.attrs
+    return p, p.tensors.get(node.output), node.attrs, g.t(node.inputs[0]), g.t(node.output)
+
+
+def _onnx_layer(g: _Graph, node: Node) -> None:
+    p, spec, a, x, out = _io(g, node)
     x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
     if node.op == "conv2d" and g.qlinear:
         # ConvInteger on the cached uint8 form of the input, its own padding (with the input's
         # zero point, i.e. code 0), uint8 weights (its int8-weight path measured 5x slower)
@@ -441,12 +445,8 @@ def _onnx_layer(g: _Graph, node: Node) -> None:
 
 
 def _onnx_requantize(g: _Graph, node: Node) -> None:
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
+    p, spec, a, x, out = _io(g, node)
     x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
     m, t = node.params["m"], node.params["shift"]
     ndim = len(p.tensors[x_name].shape) + 1
     cs = _channel_shape(ndim, len(m))
@@ -463,10 +463,7 @@ def _onnx_requantize(g: _Graph, node: Node) -> None:
 
 
 def _onnx_add(g: _Graph, node: Node) -> None:
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     t = a["shift"]
     ranges = [(p.tensors[n].qmin, p.tensors[n].qmax) for n in node.inputs]
     plan = g.exact_float and add_plans(a["m_a"], a["m_b"], t, a["lo"], a["hi"], *ranges)
@@ -492,10 +489,7 @@ def _onnx_add(g: _Graph, node: Node) -> None:
 
 
 def _onnx_concat(g: _Graph, node: Node) -> None:
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     t = a["shift"]
     parts = []
     for name, m in zip(node.inputs, a["m"], strict=True):
@@ -506,10 +500,7 @@ def _onnx_concat(g: _Graph, node: Node) -> None:
 
 
 def _onnx_maxpool(g: _Graph, node: Node) -> None:
-    a = node.attrs
-    x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     ph, pw = a["padding"]
     g.op(
         "MaxPool",
@@ -525,11 +516,8 @@ def _onnx_maxpool(g: _Graph, node: Node) -> None:
 
 
 def _onnx_avgpool(g: _Graph, node: Node) -> None:
-    p = g.program
-    a = node.attrs
+    p, spec, a, x, out = _io(g, node)
     x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
     in_shape = p.tensors[x_name].shape
     kernel, stride, (ph, pw) = a["kernel"], a["stride"], a["padding"]
     if list(kernel) == list(in_shape[1:]) and not (ph or pw):
@@ -560,10 +548,7 @@ def _onnx_avgpool(g: _Graph, node: Node) -> None:
 
 
 def _onnx_mul(g: _Graph, node: Node) -> None:
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     t = a["shift"]
     product = g.op(
         "Mul",
@@ -579,12 +564,8 @@ def _onnx_mul(g: _Graph, node: Node) -> None:
 
 def _onnx_affine(g: _Graph, node: Node) -> None:
     """The input op (pixels) and the affine op (codes): one rule, x*a[c] + b[c] >> shift."""
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
+    p, spec, a, x, out = _io(g, node)
     x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
     t = a["shift"]
     ca, cb, xs = node.params["a"], node.params["b"], p.tensors[x_name]
     cs = _channel_shape(4, len(ca))
@@ -600,12 +581,7 @@ def _onnx_affine(g: _Graph, node: Node) -> None:
 
 
 def _onnx_lut(g: _Graph, node: Node) -> None:
-    p = g.program
-    spec = p.tensors[node.output]
-    a = node.attrs
-    x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     index = g.op(
         "Sub",
         [g.cast(x, "int64"), g.const(np.array(a["offset"], np.int64), "offset")],
@@ -616,11 +592,8 @@ def _onnx_lut(g: _Graph, node: Node) -> None:
 
 
 def _onnx_adaptive_avgpool(g: _Graph, node: Node) -> None:
-    p = g.program
-    a = node.attrs
+    p, spec, a, x, out = _io(g, node)
     x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
     channels, h, w = p.tensors[x_name].shape
     oh, ow = a["out_size"]
     matrix = adaptive_pool_matrix((h, w), (oh, ow), a["lcm"])
@@ -634,26 +607,17 @@ def _onnx_adaptive_avgpool(g: _Graph, node: Node) -> None:
 
 
 def _onnx_reshape(g: _Graph, node: Node) -> None:
-    a = node.attrs
-    x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     g.op("Reshape", [x, g.const(np.array([0, *a["shape"]], np.int64), "shape")], "reshape", out)
 
 
 def _onnx_transpose(g: _Graph, node: Node) -> None:
-    a = node.attrs
-    x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     g.op("Transpose", [x], "transpose", out, perm=[0, *(q + 1 for q in a["perm"])])
 
 
 def _onnx_slice(g: _Graph, node: Node) -> None:
-    a = node.attrs
-    x_name = node.inputs[0]
-    x = g.t(x_name)
-    out = g.t(node.output)
+    p, spec, a, x, out = _io(g, node)
     g.op(
         "Slice",
         [

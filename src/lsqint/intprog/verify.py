@@ -138,13 +138,3 @@ def _check_pixels(spec: TensorSpec) -> TensorSpec:
     if int(np.prod(spec.shape, dtype=np.int64)) > MAX_ELEMENTS:
         raise ProgramError(f"the program input shape {list(spec.shape)} is too large")
     return spec
-
-
-def _check_pixels(spec: TensorSpec) -> TensorSpec:
-    if spec.dtype != "uint8" or (spec.qmin, spec.qmax) != (0, 255):
-        raise ProgramError("the program input must be uint8 pixels in [0, 255]")
-    if len(spec.shape) != 3 or not all(1 <= d <= MAX_DIM for d in spec.shape):
-        raise ProgramError(f"the program input shape {list(spec.shape)} is not (C, H, W)")
-    if int(np.prod(spec.shape, dtype=np.int64)) > MAX_ELEMENTS:
-        raise ProgramError(f"the program input shape {list(spec.shape)} is too large")
-    return spec

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .common import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_stats
-from .resnet import imagenet_resnet, resnet20, resnet_cifar10
+from .resnet import MlperfResNet8, imagenet_resnet, resnet20, resnet_cifar10
 from .small import DigitsCNN, TinyVGG
 
 # name -> builder(num_classes, image_size, mean, std, in_channels) -> nn.Module
@@ -46,6 +46,11 @@ def _resnet_cifar10(num_classes, image_size, mean, std, in_channels):
 @register_model("resnet20")
 def _resnet20(num_classes, image_size, mean, std, in_channels):
     return resnet20(num_classes, mean, std, in_channels)
+
+
+@register_model("mlperf_resnet8")
+def _mlperf_resnet8(num_classes, image_size, mean, std, in_channels):
+    return MlperfResNet8(num_classes, mean, std, in_channels)
 
 
 @register_model("tiny_vgg")

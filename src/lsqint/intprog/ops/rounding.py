@@ -22,6 +22,18 @@ from .base import (
 )
 
 
+def _round_clamp(node, acc: np.ndarray) -> np.ndarray:
+    """clamp(floor((acc + 2^(shift-1)) / 2^shift), lo, hi): the rounding every op here ends in."""
+    a = node.attrs
+    return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+
+
+def _check_int64(node, worst: int, what: str) -> None:
+    """Refuse a node whose int64 sum (before the shift) could reach 2^63."""
+    if worst >= 1 << 63:
+        fail(node, f"{what} can reach {worst}, overflowing int64")
+
+
 class Affine(Op):
     """A per-channel affine map of codes (a BatchNorm with no conv before it, the residual
     stream's narrow quantizer): clamp((x*a[c] + b[c] + 2^(shift-1)) >> shift, lo, hi)."""
@@ -49,16 +61,14 @@ class Affine(Op):
         ):
             fail(node, "a, b must be int64 with one value per input channel")
         worst = absmax(x) * int(np.abs(a).max()) + int(np.abs(b).max()) + half(t)
-        if worst >= 1 << 63:
-            fail(node, f"x * a + b can reach {worst}, overflowing int64")
+        _check_int64(node, worst, "x * a + b")
         dtype, lo, hi = out_range(node)
         return dtype, x.shape, lo, hi
 
     @classmethod
     def reference(cls, node, xs):
-        a, p = node.attrs, node.params
-        acc = xs[0].astype(np.int64) * channel(p["a"], 4) + channel(p["b"], 4)
-        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+        p = node.params
+        return _round_clamp(node, xs[0].astype(np.int64) * channel(p["a"], 4) + channel(p["b"], 4))
 
 
 class Input(Affine):
@@ -126,8 +136,7 @@ class Add(Op):
         t = int_attr(node, "shift", SHIFT_MIN, SHIFT_MAX)
         m_a, m_b = int_attr(node, "m_a"), int_attr(node, "m_b")
         worst = absmax(a) * abs(m_a) + absmax(b) * abs(m_b) + half(t)
-        if worst >= 1 << 63:
-            fail(node, f"a * m_a + b * m_b can reach {worst}, overflowing int64")
+        _check_int64(node, worst, "a * m_a + b * m_b")
         dtype, lo, hi = out_range(node)
         return dtype, a.shape, lo, hi
 
@@ -135,8 +144,7 @@ class Add(Op):
     def reference(cls, node, xs):
         a = node.attrs
         x_a, x_b = (v.astype(np.int64) for v in xs)
-        acc = x_a * np.int64(a["m_a"]) + x_b * np.int64(a["m_b"])
-        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+        return _round_clamp(node, x_a * np.int64(a["m_a"]) + x_b * np.int64(a["m_b"]))
 
 
 class Concat(Op):
@@ -161,19 +169,16 @@ class Concat(Op):
         for x, mi in zip(ins, m, strict=True):
             if not 0 < mi < 1 << 40:
                 fail(node, f"multiplier {mi} outside (0, 2^40)")
-            worst = absmax(x) * mi + half(t)
-            if worst >= 1 << 63:
-                fail(node, f"x * m + 2^(t-1) can reach {worst}, overflowing int64")
+            _check_int64(node, absmax(x) * mi + half(t), "x * m + 2^(t-1)")
         dtype, lo, hi = out_range(node)
         channels = sum(x.shape[0] for x in ins)
         return dtype, (channels, *ins[0].shape[1:]), lo, hi
 
     @classmethod
     def reference(cls, node, xs):
-        a = node.attrs
         parts = [
-            np.clip(rounding_shift(x.astype(np.int64) * np.int64(m), a["shift"]), a["lo"], a["hi"])
-            for x, m in zip(xs, a["m"], strict=True)
+            _round_clamp(node, x.astype(np.int64) * np.int64(m))
+            for x, m in zip(xs, node.attrs["m"], strict=True)
         ]
         return np.concatenate(parts, axis=1)
 
@@ -197,18 +202,14 @@ class Mul(Op):
             fail(node, f"{list(b.shape)} does not broadcast onto {list(a.shape)}")
         t = int_attr(node, "shift", SHIFT_MIN, SHIFT_MAX)
         m = int_attr(node, "m", M_MIN, M_MAX)
-        worst = absmax(a) * absmax(b) * m + half(t)
-        if worst >= 1 << 63:
-            fail(node, f"a * b * m can reach {worst}, overflowing int64")
+        _check_int64(node, absmax(a) * absmax(b) * m + half(t), "a * b * m")
         dtype, lo, hi = out_range(node)
         return dtype, a.shape, lo, hi
 
     @classmethod
     def reference(cls, node, xs):
-        a = node.attrs
         x_a, x_b = (v.astype(np.int64) for v in xs)
-        acc = x_a * x_b * np.int64(a["m"])
-        return np.clip(rounding_shift(acc, a["shift"]), a["lo"], a["hi"])
+        return _round_clamp(node, x_a * x_b * np.int64(node.attrs["m"]))
 
 
 class Lut(Op):
