@@ -46,6 +46,7 @@ def test_bench_refuses_to_time_a_runtime_that_is_not_exact(monkeypatch):
         )
 
 
+@pytest.mark.slow  # ONNX Runtime sessions of every export flavour (~45 s on 2 cores)
 def test_bench_command_writes_json(tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "bench.json"

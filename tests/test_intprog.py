@@ -152,6 +152,35 @@ def test_future_format_version_is_refused(tmp_path):
         load(path)
 
 
+def test_format_version_2_files_load_under_version_3_names(tmp_path):
+    """The committed programs were written as version 2 (input op qmin/qmax, requantize t);
+    they load with version 3's names (lo/hi, shift) and run to the same integers as the same
+    program written again as version 3."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from lsqint.intprog.artifact import FORMAT_VERSION
+
+    path = (
+        Path(__file__).parents[1] / "docs/results/cifar10_resnet20_recipe/w4a4.intprog.safetensors"
+    )
+    with safe_open(str(path), "np") as f:
+        assert f.metadata()["format_version"] == "2"
+    old = load(path)
+    first = old.nodes[0]
+    assert first.op == "input" and {"lo", "hi"} <= set(first.attrs)
+    assert not {"qmin", "qmax"} & set(first.attrs)
+    requantize = next(n for n in old.nodes if n.op == "requantize")
+    assert set(requantize.params) == {"m", "shift"}
+    save(old, tmp_path / "v3.intprog.safetensors")
+    with safe_open(str(tmp_path / "v3.intprog.safetensors"), "np") as f:
+        assert f.metadata()["format_version"] == str(FORMAT_VERSION) == "3"
+    new = load(tmp_path / "v3.intprog.safetensors")
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    assert np.array_equal(lsqint.run(old, images), lsqint.run(new, images))
+
+
 def _edit_graph(path, edit, resign: bool) -> None:
     """Rewrite a program file's graph JSON; ``resign`` recomputes the digest as an adversary
     would, so only verify() stands between the edit and a runtime."""

@@ -23,9 +23,32 @@ INTEGER_TYPES = {
 }
 
 
-@pytest.mark.parametrize("name", ["resnet20", "tiny_vgg", "digits_cnn"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+# The default tier exports every model at a few (bits, layout) pairs (every op of these models in
+# every ONNX flavour; test_ops_any_cnn covers the other ops); the whole grid is `-m slow`
+# (ONNX Runtime builds a session per export: 10-40 s each for resnet20 on 2 cores).
+DEFAULT_GRID = {
+    ("resnet20", 2, True),
+    ("resnet20", 4, False),
+    ("tiny_vgg", 8, True),
+    ("tiny_vgg", 3, False),
+}
+GRID = [
+    pytest.param(
+        name,
+        bits,
+        per_channel,
+        id=f"{'per_channel' if per_channel else 'per_tensor'}-{bits}-{name}",
+        marks=()
+        if name == "digits_cnn" or (name, bits, per_channel) in DEFAULT_GRID
+        else pytest.mark.slow,
+    )
+    for name in ("resnet20", "tiny_vgg", "digits_cnn")
+    for bits in (2, 3, 4, 5, 8)
+    for per_channel in (True, False)
+]
+
+
+@pytest.mark.parametrize(("name", "bits", "per_channel"), GRID)
 def test_onnx_runtime_equals_reference(name, bits, per_channel):
     config = QuantConfig(weight_bits=bits, act_bits=bits, per_channel=per_channel)
     _, program, images = random_qat_program(name, config, seed=bits + 11, batch=3)
@@ -38,7 +61,7 @@ def test_onnx_runtime_equals_reference(name, bits, per_channel):
         assert_runtimes_agree(program, fresh, runtimes=("onnx",), onnx={"qlinear": True})
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), 8])
 def test_int_float_export_replaces_the_int64_rounding_chains(bits):
     config = QuantConfig(weight_bits=bits, act_bits=bits, residual_bits=8 if bits < 8 else None)
     _, program, images = random_qat_program("resnet20", config, seed=5, batch=4)
@@ -53,7 +76,7 @@ def test_int_float_export_replaces_the_int64_rounding_chains(bits):
     assert_runtimes_agree(program, images.numpy(), runtimes=("onnx",), onnx={"exact_float": True})
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_qlinear_export_runs_every_low_bit_conv_as_qlinearconv(bits):
     # resnet20 at W4A4 / W2A2 with the 8-bit residual stream: every conv + requantize pair with
     # low-bit outputs is proven for ONNX Runtime's QLinearConv (the 8-bit stream's convs keep
