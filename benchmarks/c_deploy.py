@@ -5,17 +5,18 @@
 Programs: digits_cnn trained here (float 25 epochs, then QAT at W8A8 / W4A4 / W2A2, the test
 suite's settings) and the CIFAR-10 resnet20 programs committed under docs/results/ (W4A4, W3A3,
 W2A2; no W8A8 CIFAR-10 program has been trained yet). For each one:
-- Cortex-M4 (arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -mfloat-abi=soft -Os): flash and static
-  RAM of the model's object file, and the int8-weight layout's size for comparison (TFLite
-  Micro stores weights one byte each); the firmware run under qemu on real images, logits ==
-  reference.
+- Cortex-M4 (arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -mfloat-abi=soft -Os, the Arm DSP
+  extension's kernels): flash and static RAM of the model's object file, and the int8-weight
+  layout's size for comparison (TFLite Micro stores weights one byte each); the firmware run
+  under qemu on real images, logits == reference.
 - This host, one thread: images/s of the C compiled with -O3 against the torch runtime.
 
 Then the instruction counts on the emulated Cortex-M4 (qemu mps2-an386, -icount shift=0, the
 board's 25 MHz counter read around each inference: one tick is 40 instructions): instructions
-per inference and per MAC at -O2 and -Os, for every program above and for random-weight
-MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W2A2, beside MLPerf Tiny's published
-Cortex-M4 (STM32L4R5, 120 MHz) ResNet-8 latencies in cycles per MAC. Instructions are a lower
+per inference and per MAC at -O2 and -Os, with the Arm DSP extension's kernels (the Cortex-M4
+default) and with the portable kernels (-DLQ_PORTABLE), for every program above and for
+random-weight MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W2A2, beside MLPerf
+Tiny's published Cortex-M4 (STM32L4R5, 120 MHz) ResNet-8 latencies in cycles per MAC. Instructions are a lower
 bound on cycles, not cycles. `--mcu-only` skips the digits training and the host speed.
 """
 
@@ -93,18 +94,24 @@ def random_programs():
 
 
 def instruction_rows(label, program, images, tmp: Path) -> dict:
+    """Instructions per inference and per MAC of the DSP kernels (the Cortex-M4 default) and of
+    the portable kernels (-DLQ_PORTABLE), at -O2 and -Os; model flash (-Os) of each layout."""
     images = np.ascontiguousarray(images[: args.count_images])
     expected = run(program, images)
     macs = program_macs(program)
     row = {"program": label, "macs": macs}
-    for opt in ("-O2", "-Os"):
-        firmware = build_firmware(program, images, tmp / f"count{opt}", opt=opt)
-        logits, instructions = run_qemu(firmware, count=True)
-        assert np.array_equal(logits, expected), f"{label} {opt}: qemu != reference"
-        per_image = int(np.median(instructions))
-        row[f"instr_{opt[1:]}"] = per_image
-        row[f"instr_per_mac_{opt[1:]}"] = round(per_image / macs, 2)
-    row["firmware_static_ram_bytes"] = firmware.data_bytes + firmware.bss_bytes
+    for kernels in ("dsp", "portable"):
+        for opt in ("-O2", "-Os"):
+            out = tmp / f"count{kernels}{opt}"
+            firmware = build_firmware(program, images, out, opt=opt, portable=kernels == "portable")
+            logits, instructions = run_qemu(firmware, count=True)
+            assert np.array_equal(logits, expected), f"{label} {kernels} {opt}: qemu != reference"
+            per_image = int(np.median(instructions))
+            row[f"{kernels}_instr{opt}"] = per_image
+            row[f"{kernels}_per_mac{opt}"] = round(per_image / macs, 2)
+        sizes = model_object_sizes(out / "model.c", portable=kernels == "portable")
+        row[f"{kernels}_model_flash_Os"] = sizes["flash_bytes"]
+        row[f"{kernels}_firmware_static_ram"] = firmware.data_bytes + firmware.bss_bytes
     return row
 
 

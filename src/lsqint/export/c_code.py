@@ -40,6 +40,15 @@ _ALIGN = 4
 # The kernels, written once; ``{X}``/``{Y}`` are the input/output element types. Each is emitted
 # only for the type combinations the program uses.
 _HELPERS = r"""
+#if LQ_DSP
+/* A 32-bit word from any address (one LDR on the Cortex-M; memcpy keeps C's aliasing rules). */
+static inline int32_t lq_load32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static inline int32_t lq_ror8(int32_t v)
+{
+    return (int32_t)(((uint32_t)v >> 8) | ((uint32_t)v << 24)); /* one ROR */
+}
+#endif
+
 /* floor(x / 2^t) for any sign, with right shifts of non-negative values only. */
 static inline int64_t lq_shr(int64_t x, int t) { return x >= 0 ? x >> t : ~((~x) >> t); }
 
@@ -68,6 +77,87 @@ static void lq_unpack(const uint8_t *packed, int bits, int32_t k0, int32_t n, in
 """
 
 _KERNELS = {
+    "conv2d_dsp": r"""
+#if LQ_DSP
+/* The receptive field of output pixel (oy, ox) as int16 codes, 0 for padding and for k >= K
+ * (im2col of one pixel; k = (c * KH + ky) * KW + kx, the weights' order). */
+static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, int SH, int SW,
+                           int PH, int PW, int DH, int DW, int oy, int ox, int Kp, int16_t *col)
+{
+    int c, ky, kx, k = 0;
+    for (c = 0; c < cg; c++) {
+        const {X} *xc = x + (int32_t)c * H * W;
+        for (ky = 0; ky < KH; ky++) {
+            int iy = oy * SH - PH + ky * DH;
+            for (kx = 0; kx < KW; kx++, k++) {
+                int ix = ox * SW - PW + kx * DW;
+                col[k] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? (int16_t)xc[iy * W + ix] : 0;
+            }
+        }
+    }
+    for (; k < Kp; k++) col[k] = 0;
+}
+
+/* conv2d (and linear, as a 1x1 conv of a (I, 1, 1) input) for the Arm DSP extension
+ * (ARMv7E-M: Cortex-M4/M7/M33): two output channels x two output pixels per pass, two
+ * multiply-accumulates per SMLAD (16 x 16 products of both halves added to an int32).
+ * Weights: int8, per output channel K codes padded with zeros to Kp (a multiple of 4), each
+ * group of four stored w0 w2 w1 w3, so that SXTB16 of the word is (w0, w1) and SXTB16 of the
+ * word rotated by 8 is (w2, w3), matching the column's int16 pairs (x0, x1), (x2, x3).
+ * Exact: codes fit int16 ([-128, 255]) and weights int8; every running sum is the bias plus
+ * some of the products, so |sum| <= sum|w| max|x| + |bias| = the layer's acc_bound < 2^31
+ * (checked by verify), and no SMLAD wraps. Channels or pixels without a partner (odd counts)
+ * are computed against a duplicate and not stored; their sums obey the same bound. */
+static void lq_conv_dsp_{XN}(const {X} *x, int C, int H, int W, const int8_t *w, int Kp,
+                             const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH,
+                             int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups,
+                             int16_t *cols)
+{
+    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, k;
+    int16_t *col0 = cols, *col1 = cols + Kp;
+    for (g = 0; g < groups; g++) {
+        const {X} *xg = x + (int32_t)g * cg * H * W;
+        int o_end = (g + 1) * og;
+        for (p = 0; p < P; p += 2) {
+            int two = p + 1 < P;
+            const int16_t *c1 = two ? col1 : col0;
+            lq_im2col_{XN}(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, p / OW, p % OW, Kp,
+                           col0);
+            if (two)
+                lq_im2col_{XN}(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
+                               (p + 1) % OW, Kp, col1);
+            for (o = g * og; o < o_end; o += 2) {
+                int pair = o + 1 < o_end;
+                const int8_t *w0 = w + (int32_t)o * Kp, *w1 = pair ? w0 + Kp : w0;
+                int32_t a00 = bias[o], a01 = bias[o];
+                int32_t a10 = pair ? bias[o + 1] : 0, a11 = a10;
+                for (k = 0; k < Kp; k += 4) {
+                    int32_t wa = lq_load32(w0 + k), wb = lq_load32(w1 + k);
+                    int32_t wa01 = __sxtb16(wa), wa23 = __sxtb16(lq_ror8(wa));
+                    int32_t wb01 = __sxtb16(wb), wb23 = __sxtb16(lq_ror8(wb));
+                    int32_t x0a = lq_load32(col0 + k), x0b = lq_load32(col0 + k + 2);
+                    int32_t x1a = lq_load32(c1 + k), x1b = lq_load32(c1 + k + 2);
+                    a00 = __smlad(wa01, x0a, a00);
+                    a00 = __smlad(wa23, x0b, a00);
+                    a01 = __smlad(wa01, x1a, a01);
+                    a01 = __smlad(wa23, x1b, a01);
+                    a10 = __smlad(wb01, x0a, a10);
+                    a10 = __smlad(wb23, x0b, a10);
+                    a11 = __smlad(wb01, x1a, a11);
+                    a11 = __smlad(wb23, x1b, a11);
+                }
+                y[(int32_t)o * P + p] = a00;
+                if (two) y[(int32_t)o * P + p + 1] = a01;
+                if (pair) {
+                    y[(int32_t)(o + 1) * P + p] = a10;
+                    if (two) y[(int32_t)(o + 1) * P + p + 1] = a11;
+                }
+            }
+        }
+    }
+}
+#endif
+""",
     "conv2d": r"""
 static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, int bits,
                          const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH, int KW,
@@ -300,6 +390,10 @@ class CExport:
     scratch_bytes: int  # one unpacked weight row (int16) for the widest layer
     weight_bytes: int  # packed weights + biases + multipliers (const data, flash)
     int8_weight_bytes: int  # the same weights stored one byte each (TFLite Micro's int8 layout)
+    # Flash of the weights and the scratch (two int16 columns) when the Arm DSP kernels are
+    # built (__ARM_FEATURE_DSP): int8, rows padded to a multiple of 4.
+    dsp_weight_bytes: int = 0
+    dsp_scratch_bytes: int = 0
 
 
 def c_identifier(name: str) -> str:
@@ -313,8 +407,8 @@ def _type_name(dtype: str) -> str:
     return {"uint8": "u8", "int8": "i8", "int32": "i32"}[dtype]
 
 
-def _array(ctype: str, name: str, values) -> str:
-    """A const C array, wrapped at about 100 columns."""
+def _array(ctype: str, name: str, values, align: int | None = None) -> str:
+    """A const C array, wrapped at about 100 columns (``align``: its byte alignment)."""
     items = [str(int(v)) for v in np.asarray(values).ravel()] or ["0"]
     lines, line = [], ""
     for item in items:
@@ -324,7 +418,8 @@ def _array(ctype: str, name: str, values) -> str:
         line += item + ","
     lines.append(line)
     text = "\n  ".join(lines)
-    return f"static const {ctype} {name}[{len(items)}] = {{\n  {text}\n}};\n"
+    aligned = f" __attribute__((aligned({align})))" if align else ""
+    return f"static const {ctype} {name}[{len(items)}]{aligned} = {{\n  {text}\n}};\n"
 
 
 def _int64_literal(v: int) -> str:
@@ -386,6 +481,8 @@ class _Emitter:
         self.calls: list[str] = []
         self.kernels: dict[str, str] = {}
         self.scratch = 1
+        self.dsp_scratch = 1
+        self.dsp_weight_bytes = 0
         self.weight_bytes = 0
         self.int8_bytes = 0
 
@@ -421,36 +518,69 @@ def _c_affine(e: _Emitter, node: Node, tag: str) -> None:
     )
 
 
+def dsp_weight_layout(weight: np.ndarray) -> tuple[np.ndarray, int]:
+    """The DSP kernel's int8 weights: per output channel its K codes padded with zeros to Kp (a
+    multiple of 4), each group of four stored w0 w2 w1 w3 (so that SXTB16 pairs them as the
+    kernel's int16 columns: see ``conv2d_dsp``). Returns (flat int8 array, Kp)."""
+    out = weight.shape[0]
+    k = int(np.prod(weight.shape[1:]))
+    kp = -(-k // 4) * 4
+    padded = np.zeros((out, kp), np.int8)
+    padded[:, :k] = weight.reshape(out, k)
+    return padded.reshape(out, kp // 4, 4)[:, :, [0, 2, 1, 3]].reshape(-1), kp
+
+
 def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     a, p, out = node.attrs, node.params, e.tensors.get(node.output)
     weight = np.asarray(p["weight"])
     bits = int(a["weight_bits"])
     packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
-    e.consts.append(_array("uint8_t", f"{tag}_w", packed.astype(np.uint8)))
+    dsp_weight, kp = dsp_weight_layout(weight)
+    # Flash holds one layout: int8 for the DSP kernel, else the packed b-bit stream.
+    e.consts.append(
+        "#if LQ_DSP\n"
+        + _array("int8_t", f"{tag}_w8", dsp_weight, align=4)
+        + "#else\n"
+        + _array("uint8_t", f"{tag}_w", packed.astype(np.uint8))
+        + "#endif\n"
+    )
     e.consts.append(_array("int32_t", f"{tag}_bias", p["bias"]))
     e.weight_bytes += packed.size + 4 * p["bias"].size
     e.int8_bytes += weight.size + 4 * p["bias"].size
+    e.dsp_weight_bytes += dsp_weight.size + 4 * p["bias"].size
     x = e.tensors[node.inputs[0]]
     row = int(np.prod(weight.shape[1:]))
     e.scratch = max(e.scratch, row)
+    e.dsp_scratch = max(e.dsp_scratch, kp)  # int32 words: two int16 columns of kp
+    e.kernel("conv2d_dsp", X=x.dtype)
+    xn, x_ref, y_ref = _type_name(x.dtype), e.ref(node.inputs[0]), e.ref(node.output)
     if node.op == "conv2d":
         e.kernel("conv2d", X=x.dtype)
         cin, h, w = x.shape
         cout, oh, ow = out.shape
         kh, kw = weight.shape[2:]
-        e.calls.append(
-            f"lq_conv_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {cin}, {h}, {w}, "
-            f"{tag}_w, {bits}, {tag}_bias, {e.ref(node.output)}, {cout}, {oh}, {ow}, "
-            f"{kh}, {kw}, {a['stride'][0]}, {a['stride'][1]}, {a['padding'][0]}, "
-            f"{a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
-            f"{a['groups']}, lq_row);"
+        geometry = (
+            f"{cout}, {oh}, {ow}, {kh}, {kw}, {a['stride'][0]}, {a['stride'][1]}, "
+            f"{a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
+            f"{a['groups']}"
+        )
+        portable = (
+            f"lq_conv_{xn}({x_ref}, {cin}, {h}, {w}, {tag}_w, {bits}, {tag}_bias, {y_ref}, "
+            f"{geometry}, lq_row);"
         )
     else:
         e.kernel("linear", X=x.dtype)
-        e.calls.append(
-            f"lq_linear_{_type_name(x.dtype)}({e.ref(node.inputs[0])}, {weight.shape[1]}, "
-            f"{tag}_w, {bits}, {tag}_bias, {e.ref(node.output)}, {weight.shape[0]}, lq_row);"
+        cin, h, w = weight.shape[1], 1, 1
+        geometry = f"{weight.shape[0]}, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1"
+        portable = (
+            f"lq_linear_{xn}({x_ref}, {cin}, {tag}_w, {bits}, {tag}_bias, {y_ref}, "
+            f"{weight.shape[0]}, lq_row);"
         )
+    dsp = (
+        f"lq_conv_dsp_{xn}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, {y_ref}, "
+        f"{geometry}, (int16_t *)lq_cols);"
+    )
+    e.calls.append(f"#if LQ_DSP\n    {dsp}\n#else\n    {portable}\n#endif")
 
 
 def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
@@ -653,13 +783,26 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
 
 #include <stdint.h>
 
+/* The Arm DSP extension's kernels where the compiler targets it (Cortex-M4/M7/M33, ...) unless
+ * LQ_PORTABLE is defined; the portable loops everywhere else. */
+#if defined(__ARM_FEATURE_DSP) && __ARM_FEATURE_DSP && !defined(LQ_PORTABLE)
+#define LQ_DSP 1
+#else
+#define LQ_DSP 0
+#endif
+
 #define {upper}_INPUT_CHANNELS {in_c}
 #define {upper}_INPUT_HEIGHT {in_h}
 #define {upper}_INPUT_WIDTH {in_w}
 #define {upper}_NUM_CLASSES {classes}
-/* Static RAM: activation arena + one unpacked weight row. */
+/* Static RAM: activation arena + scratch (one unpacked weight row; with the DSP kernels, two
+ * int16 columns). */
 #define {upper}_ARENA_BYTES {arena}
+#if LQ_DSP
+#define {upper}_SCRATCH_BYTES {4 * e.dsp_scratch}
+#else
 #define {upper}_SCRATCH_BYTES {2 * scratch}
+#endif
 
 #ifdef __cplusplus
 extern "C" {{
@@ -677,11 +820,12 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
     body = "\n    ".join(calls)
     source = (
         f"/* Generated by lsqint from an integer program; do not edit. */\n"
-        f'#include "{name}.h"\n#include <string.h>\n\n'
+        f'#include "{name}.h"\n#include <string.h>\n#if LQ_DSP\n#include <arm_acle.h>\n#endif\n\n'
         f"static uint32_t lq_arena_words[({arena} + 3) / 4 + 1];\n"
         + _ARENA_NOTE
         + "static uint8_t *volatile lq_arena_base = (uint8_t *)lq_arena_words;\n"
-        f"static int16_t lq_row[{scratch}];\n"
+        f"#if LQ_DSP\nstatic int32_t lq_cols[{e.dsp_scratch}]; /* two int16 columns */\n#else\n"
+        f"static int16_t lq_row[{scratch}];\n#endif\n"
         + _HELPERS
         + "".join(kernels[k] for k in sorted(kernels))
         + "\n"
@@ -698,6 +842,8 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
         scratch_bytes=2 * scratch,
         weight_bytes=weight_bytes,
         int8_weight_bytes=int8_bytes,
+        dsp_weight_bytes=e.dsp_weight_bytes,
+        dsp_scratch_bytes=4 * e.dsp_scratch,
     )
     return header, source, info
 

@@ -115,9 +115,11 @@ def build_firmware(
     out_dir: str | Path,
     name: str = "model",
     opt: str = "-Os",
+    portable: bool = False,
 ) -> Firmware:
     """Cross-compile ``program`` and a main that classifies ``images`` (uint8, N x C x H x W);
-    ``opt``: the optimization flag (``-Os`` for flash, ``-O2`` for speed)."""
+    ``opt``: the optimization flag (``-Os`` for flash, ``-O2`` for speed); ``portable``: build
+    the portable C kernels (``-DLQ_PORTABLE``) instead of the Arm DSP extension's."""
     missing = missing_tools()
     if missing:
         raise McuToolError(
@@ -135,6 +137,7 @@ def build_firmware(
         "arm-none-eabi-gcc",
         *(flag for flag in CFLAGS if not flag.startswith("-O")),
         opt,
+        *(["-DLQ_PORTABLE"] if portable else []),
         "--specs=rdimon.specs",
         "-D__STARTUP_CLEAR_BSS",
         "-D__START=_start",
@@ -152,12 +155,14 @@ def build_firmware(
     return Firmware(elf, text, data, bss)
 
 
-def model_object_sizes(source: str | Path) -> dict[str, int]:
+def model_object_sizes(source: str | Path, portable: bool = False) -> dict[str, int]:
     """Flash and static RAM of the generated model alone: ``source`` compiled for the Cortex-M4
-    (``CFLAGS``) into an object file, measured by ``arm-none-eabi-size``."""
+    (``CFLAGS``; ``portable``: the portable kernels and packed weights) into an object file,
+    measured by ``arm-none-eabi-size``."""
     source = Path(source)
-    obj = source.with_suffix(".o")
-    _run(["arm-none-eabi-gcc", *CFLAGS, "-c", str(source), "-o", str(obj)], "compile", 300)
+    obj = source.with_suffix(".portable.o" if portable else ".o")
+    flags = [*CFLAGS, *(["-DLQ_PORTABLE"] if portable else [])]
+    _run(["arm-none-eabi-gcc", *flags, "-c", str(source), "-o", str(obj)], "compile", 300)
     line = _run(["arm-none-eabi-size", str(obj)], "arm-none-eabi-size", 60).splitlines()[1]
     text, data, bss = (int(v) for v in line.split()[:3])
     return {"flash_bytes": text + data, "ram_bytes": data + bss}
