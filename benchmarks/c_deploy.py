@@ -17,7 +17,8 @@ per inference and per MAC at -O2 and -Os, with the Arm DSP extension's kernels (
 default) and with the portable kernels (-DLQ_PORTABLE), for every program above and for
 random-weight MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W2A2, beside MLPerf
 Tiny's published Cortex-M4 (STM32L4R5, 120 MHz) ResNet-8 latencies in cycles per MAC.
-Instructions are a lower bound on cycles, not cycles. `--mcu-only` skips the digits training and the host speed.
+Instructions are a lower bound on cycles, not cycles. `--mcu-only` skips the digits training
+and the host speed.
 """
 
 import argparse
