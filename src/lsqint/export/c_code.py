@@ -43,9 +43,13 @@ _HELPERS = r"""
 #if LQ_DSP
 /* A 32-bit word from any address (one LDR on the Cortex-M; memcpy keeps C's aliasing rules). */
 static inline int32_t lq_load32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-static inline int32_t lq_ror8(int32_t v)
+/* SXTB16 of v rotated right by 8: bytes 1 and 3 sign-extended to two int16 halves, one
+ * instruction (GCC does not fold the rotation into __sxtb16 by itself). */
+static inline int32_t lq_sxtb16_ror8(int32_t v)
 {
-    return (int32_t)(((uint32_t)v >> 8) | ((uint32_t)v << 24)); /* one ROR */
+    int32_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+    return r;
 }
 #endif
 
@@ -80,18 +84,29 @@ _KERNELS = {
     "conv2d_dsp": r"""
 #if LQ_DSP
 /* The receptive field of output pixel (oy, ox) as int16 codes, 0 for padding and for k >= K
- * (im2col of one pixel; k = (c * KH + ky) * KW + kx, the weights' order). */
+ * (im2col of one pixel; k = (c * KH + ky) * KW + kx, the weights' order). A window wholly
+ * inside the input with DW == 1 copies rows of KW codes without bounds tests. */
 static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, int SH, int SW,
                            int PH, int PW, int DH, int DW, int oy, int ox, int Kp, int16_t *col)
 {
     int c, ky, kx, k = 0;
-    for (c = 0; c < cg; c++) {
-        const {X} *xc = x + (int32_t)c * H * W;
-        for (ky = 0; ky < KH; ky++) {
-            int iy = oy * SH - PH + ky * DH;
-            for (kx = 0; kx < KW; kx++, k++) {
-                int ix = ox * SW - PW + kx * DW;
-                col[k] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? (int16_t)xc[iy * W + ix] : 0;
+    int iy0 = oy * SH - PH, ix0 = ox * SW - PW;
+    if (DW == 1 && iy0 >= 0 && ix0 >= 0 && iy0 + (KH - 1) * DH < H && ix0 + KW <= W) {
+        for (c = 0; c < cg; c++) {
+            const {X} *xc = x + ((int32_t)c * H + iy0) * W + ix0;
+            for (ky = 0; ky < KH; ky++, xc += DH * W)
+                for (kx = 0; kx < KW; kx++) col[k++] = (int16_t)xc[kx];
+        }
+    } else {
+        for (c = 0; c < cg; c++) {
+            const {X} *xc = x + (int32_t)c * H * W;
+            for (ky = 0; ky < KH; ky++) {
+                int iy = iy0 + ky * DH;
+                for (kx = 0; kx < KW; kx++, k++) {
+                    int ix = ix0 + kx * DW;
+                    int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+                    col[k] = inside ? (int16_t)xc[iy * W + ix] : 0;
+                }
             }
         }
     }
@@ -133,8 +148,8 @@ static void lq_conv_dsp_{XN}(const {X} *x, int C, int H, int W, const int8_t *w,
                 int32_t a10 = pair ? bias[o + 1] : 0, a11 = a10;
                 for (k = 0; k < Kp; k += 4) {
                     int32_t wa = lq_load32(w0 + k), wb = lq_load32(w1 + k);
-                    int32_t wa01 = __sxtb16(wa), wa23 = __sxtb16(lq_ror8(wa));
-                    int32_t wb01 = __sxtb16(wb), wb23 = __sxtb16(lq_ror8(wb));
+                    int32_t wa01 = __sxtb16(wa), wa23 = lq_sxtb16_ror8(wa);
+                    int32_t wb01 = __sxtb16(wb), wb23 = lq_sxtb16_ror8(wb);
                     int32_t x0a = lq_load32(col0 + k), x0b = lq_load32(col0 + k + 2);
                     int32_t x1a = lq_load32(c1 + k), x1b = lq_load32(c1 + k + 2);
                     a00 = __smlad(wa01, x0a, a00);
