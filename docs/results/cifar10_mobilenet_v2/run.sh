@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # torchvision's mobilenet_v2, unchanged (`--model torchvision:mobilenet_v2`), on CIFAR-10 from the
 # command line (issue 11): float training, then W8A8 and W4A4 QAT with the default recipe
-# (distillation from the float run, see README "Command line"), then integer-only evaluation on
+# (distillation from the float run, see docs/guide.md), then integer-only evaluation on
 # val/ (5,000 images). Run from the repository root; runs go to runs/mobilenet/ (not committed).
 set -euo pipefail
 D=(--model torchvision:mobilenet_v2 --dataset cifar10 --data-root ../shared/data/cifar10 --cuda -1

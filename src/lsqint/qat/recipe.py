@@ -3,7 +3,7 @@ clipping and the residual stream's bits when the command line does not say, chos
 of the two bit widths.
 
 Each row met its target on CIFAR-10 resnet20 against a 87.56 % float model, with distillation
-from the float model, in one `lsqint sweep` with these defaults (README "Results",
+from the float model, in one `lsqint sweep` with these defaults (docs/results.md,
 docs/results/cifar10_resnet20_recipe): W8A8 -0.10, W4A4 -0.50, W3A3 -0.92, W2A2 -2.90 points.
 The 3- and 2-bit rows start from the QAT checkpoint one bit up (progressive initialization,
 `sweep`'s default); from the float model they were not measured."""
