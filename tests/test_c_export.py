@@ -179,10 +179,10 @@ def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path):
 
 @pytest.mark.mcu
 @needs_arm
-def test_cortex_m4_instruction_count_is_deterministic_and_covers_every_mac(tmp_path):
+def test_cortex_m4_instruction_count_is_repeatable_and_bounded_by_the_macs(tmp_path):
     """run_qemu(count=True): qemu's instruction-counted clock read around each inference. The
-    same image twice costs the same count (to one counter tick); no instruction does more than two multiply-
-    accumulates (SMLAD); -O2 executes fewer instructions than -Os."""
+    same image twice costs the same count (to one counter tick); no instruction does more than
+    two multiply-accumulates (SMLAD); -O2 executes fewer instructions than -Os."""
     _, program, images = random_qat_program("digits_cnn", QuantConfig(4, 4), seed=3)
     x = np.repeat(images.numpy()[:1], 2, axis=0)
     counts = {}
