@@ -157,10 +157,10 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
  * are computed against a duplicate and not stored; their sums obey the same bound. */
 /* noinline: inlined into the entry point with constant arguments, gcc 12 -O2 allocated the
  * inner loop's registers worse (38 instructions per 16 MACs instead of 22, measured). */
-__attribute__((noinline)) static void lq_conv_dsp_{XN}{OUT_NAME}(const {X} *x, int C, int H, int W, const int8_t *w,
-                             int Kp, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW,
-                             int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW,
-                             int groups, int16_t *cols)
+__attribute__((noinline)) static void lq_conv_dsp_{XN}{OUT_NAME}(
+    const {X} *x, int C, int H, int W, const int8_t *w, int Kp, const int32_t *bias,
+    {OUT_PARAMS}, int O, int OH, int OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH,
+    int DW, int groups, int16_t *cols)
 {
     int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, k;
     int16_t *col0 = cols, *col1 = cols + Kp;
