@@ -399,8 +399,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
             info = export_c(program, ns.out, ns.name)
             print(
                 f"wrote {info.header} and {info.source}: weights {info.weight_bytes} bytes "
-                f"(int8 layout: {info.int8_weight_bytes}), RAM {info.arena_bytes} bytes arena "
-                f"+ {info.scratch_bytes} bytes weight row"
+                f"packed ({info.dsp_weight_bytes} as int8 for the Arm DSP kernels), RAM "
+                f"{info.arena_bytes} bytes arena + {info.scratch_bytes} bytes scratch "
+                f"({info.dsp_scratch_bytes} with the DSP kernels)"
             )
             return 0
         if not ns.onnx:

@@ -60,7 +60,7 @@ class Firmware:
     elf: Path
     text_bytes: int  # code + const data (weights): flash
     data_bytes: int  # initialized RAM (copied from flash at start)
-    bss_bytes: int  # zeroed RAM: the arena, the weight row, the C library's
+    bss_bytes: int  # zeroed RAM: the arena, the kernels' scratch, the C library's
 
 
 def _main_c(name: str, images: np.ndarray) -> str:
