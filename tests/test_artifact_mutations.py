@@ -101,11 +101,14 @@ def _mutate(src, dst, rng: random.Random, resign: bool) -> str:
             data[i] ^= 1 << rng.randrange(8)
         dst.write_bytes(bytes(data))
         return kind
-    graph = json.loads(meta["graph"])
+    original = meta["graph"]
+    graph = json.loads(original)
     if kind == "tensor":
         name = rng.choice(sorted(tensors))
         arr = tensors[name].copy()
-        if arr.size:
+        if not arr.size:
+            kind = "noop"  # nothing to flip
+        else:
             flat = arr.reshape(-1)
             flat[rng.randrange(flat.size)] ^= 1
         tensors[name] = arr
@@ -118,6 +121,8 @@ def _mutate(src, dst, rng: random.Random, resign: bool) -> str:
         _set(graph, path, _mutated_value(value, rng, names))
         meta["graph"] = json.dumps(graph)
         kind = "graph:" + "/".join(str(k) for k in path if isinstance(k, str))
+        if meta["graph"] == original:  # the edit changed nothing (0 -> 2 * 0)
+            kind = "noop"
     if resign:
         meta["sha256"] = _digest(tensors, meta["graph"])
     save_file(tensors, str(dst), metadata=meta)
@@ -134,8 +139,8 @@ def _mutation_loop(programs, tmp_path, cases: int, seed: int):
         kind = _mutate(src, dst, rng, resign)
         what = f"case {case} ({kind}, {'re-signed' if resign else 'as edited'})"
         signed = "re-signed" if resign else "as edited"
-        if dst.read_bytes() == src.read_bytes():  # the edit was a no-op (0 -> 2 * 0)
-            outcomes["unchanged"] += 1
+        if kind == "noop" or dst.read_bytes() == src.read_bytes():
+            outcomes["unchanged"] += 1  # nothing was edited: any outcome but a crash is fine
             continue
         try:
             program = load(dst)
