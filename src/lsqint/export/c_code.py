@@ -568,7 +568,6 @@ class _Emitter:
         self.dsp_scratch = 1
         self.plane = 1  # int32 words: one output plane of a fused portable conv
         self.fused = fused_requantizes(program)
-        self.fused_inputs = set(self.fused)
         self.dsp_weight_bytes = 0
         self.weight_bytes = 0
         self.int8_bytes = 0
@@ -705,7 +704,7 @@ def _requantize_consts(e: _Emitter, node: Node, tag: str) -> tuple[np.ndarray, i
 
 
 def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
-    if node.inputs[0] in e.fused_inputs:
+    if node.inputs[0] in e.fused:
         e.calls.append(f"/* {node.name}: fused into the layer before it */")
         return
     a, out = node.attrs, e.tensors.get(node.output)
