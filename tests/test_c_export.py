@@ -19,7 +19,15 @@ from lsqint.app.cli import main
 from lsqint.app.evaluation import images_and_labels
 from lsqint.data import load_data
 from lsqint.export.c_code import export_c, fused_requantizes, generate_c, plan_arena
-from lsqint.export.mcu import build_firmware, missing_tools, program_macs, run_qemu
+from lsqint.export.mcu import (
+    build_firmware,
+    link_firmware,
+    missing_tools,
+    node_instructions,
+    program_macs,
+    qemu_output,
+    run_qemu,
+)
 from lsqint.intprog.artifact import load, save
 from lsqint.models import Normalize
 from lsqint.runtime import run
@@ -193,6 +201,14 @@ def test_cortex_m4_instruction_count_is_repeatable_and_bounded_by_the_macs(tmp_p
         assert abs(counts[opt][0] - counts[opt][1]) <= 40  # one tick: the counter's phase
         assert counts[opt][0] >= program_macs(program) // 2
     assert counts["-O2"][0] < counts["-Os"][0]
+    # -DLQ_PROFILE: each node's count; together they are the inference (the hook's calls add
+    # a few instructions per node, the counter's phase up to a tick per node)
+    profiled = build_firmware(program, x, tmp_path / "profile", opt="-O2", profile=True)
+    per_node = node_instructions(profiled)
+    assert per_node.shape == (len(program.nodes),)
+    assert abs(per_node.sum() - counts["-O2"][0]) <= 60 * len(program.nodes)
+    layers = [i for i, node in enumerate(program.nodes) if node.op in ("conv2d", "linear")]
+    assert per_node[layers].sum() > 0.5 * per_node.sum()
 
 
 @pytest.mark.mcu
@@ -226,22 +242,79 @@ def test_cortex_m4_dsp_kernels_equal_the_reference_at_every_bit_pair(tmp_path):
             assert np.array_equal(run_qemu(firmware, timeout=300), expected), (bits, portable)
 
 
-def test_dsp_weight_layout_pairs_codes_as_the_kernel_reads_them():
-    """The DSP kernel reads four int8 weights as one word and forms (w0, w1) with SXTB16 (bytes
-    0 and 2) and (w2, w3) with SXTB16 of the word rotated by 8 (bytes 1 and 3); rows are padded
-    with zero weights to a multiple of 4."""
+def _c_int32(v: int) -> str:
+    return "(-2147483647 - 1)" if v == -(2**31) else str(v)
+
+
+@pytest.mark.mcu
+@needs_arm
+def test_dsp_requantize_in_32_bit_steps_equals_the_rule(tmp_path):
+    """The DSP path's fused requantize (lq_requant32: the high word of acc * m, then a 32-bit
+    rounding shift when t > 32; lq_round_clamp when t <= 32) == clamp((acc * m + 2^(t-1)) >>
+    t, lo, hi) computed with Python integers, on the Cortex-M4: every shift 1..62, the extreme
+    accumulators and multipliers, random ones, signed and unsigned code ranges."""
+    from lsqint.export.c_code import _HELPERS
+
+    rng = np.random.default_rng(5)
+    edges = [-(2**31), -(2**31) + 1, -(2**30), -1, 0, 1, 2**30, 2**31 - 1]
+    cases = []
+    for t in range(1, 63):
+        for acc in edges + [int(v) for v in rng.integers(-(2**31), 2**31, 6)]:
+            m = int(rng.choice([2**30, 2**31 - 1, int(rng.integers(2**30, 2**31))]))
+            lo, hi = [(0, 255), (-128, 127), (0, 3), (-2, 1)][len(cases) % 4]
+            cases.append((acc, m, t, lo, hi))
+    table = ",\n".join(f"{{{_c_int32(a)}, {m}, {t}, {lo}, {hi}}}" for a, m, t, lo, hi in cases)
+    main_c = tmp_path / "main.c"
+    main_c.write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n#define LQ_DSP 1\n"
+        + _HELPERS
+        + "static const struct { int32_t acc, m; int t; int32_t lo, hi; } cases[] = {\n"
+        + table
+        + "};\nvoid SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
+        "    for (i = 0; i < sizeof cases / sizeof cases[0]; i++)\n"
+        '        printf("%ld\\n", (long)LQ_REQUANT(cases[i].acc, cases[i].m, cases[i].t,'
+        " cases[i].lo, cases[i].hi));\n    return 0;\n}\n"
+    )
+    firmware = link_firmware([main_c], tmp_path / "requant.elf", opt="-O2")
+    got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
+    expected = [min(max((a * m + (1 << (t - 1))) >> t, lo), hi) for a, m, t, lo, hi in cases]
+    assert got == expected
+
+
+def _read_dsp_layout(flat, out, groups, kp):
+    """The weights back as lq_dot2x2 reads them: per pair of channels of a conv group, per four
+    codes, LDRD of (word a, word b); SXTB16 of a word is (bytes 0, 2) = codes (k, k+1),
+    SXTB16 of it rotated by 8 is (bytes 1, 3) = codes (k+2, k+3)."""
+    og = out // groups
+    og2 = og + og % 2
+    rows = np.zeros((groups * og2, kp), np.int64)
+    words = flat.reshape(groups * og2 // 2, kp // 4, 2, 4)  # pair, group of 4, a/b, bytes
+    for pair in range(words.shape[0]):
+        for g4 in range(kp // 4):
+            for ab in range(2):
+                word = words[pair, g4, ab]
+                codes = [word[0], word[2], word[1], word[3]]  # SXTB16, then SXTB16 ror 8
+                rows[2 * pair + ab, 4 * g4 : 4 * g4 + 4] = codes
+    return rows.reshape(groups, og2, kp)
+
+
+@pytest.mark.parametrize("out,groups", [(2, 1), (3, 1), (6, 3), (4, 4)])
+def test_dsp_weight_layout_pairs_codes_as_the_kernel_reads_them(out, groups):
+    """dsp_weight_layout stores what lq_dot2x2 reads (``_read_dsp_layout``): every channel's
+    codes in order, rows padded with zeros to a multiple of 4, an odd channel count per conv
+    group completed by a zero channel."""
     from lsqint.export.c_code import dsp_weight_layout
 
-    weight = np.arange(-12, 13, dtype=np.int8)[:18].reshape(2, 1, 3, 3)  # K = 9 -> Kp = 12
-    flat, kp = dsp_weight_layout(weight)
-    assert kp == 12 and flat.dtype == np.int8 and flat.size == 2 * 12
-    words = flat.reshape(2, 3, 4)
-    for o in range(2):
-        row = np.concatenate([weight[o].ravel(), np.zeros(3, np.int8)])
-        sxtb16 = words[o][:, [0, 2]].ravel()  # (w0, w1) of each word
-        rotated = words[o][:, [1, 3]].ravel()  # (w2, w3)
-        got = np.stack([sxtb16.reshape(3, 2), rotated.reshape(3, 2)], axis=1).reshape(-1)
-        assert np.array_equal(got, row)
+    rng = np.random.default_rng(out * 10 + groups)
+    weight = rng.integers(-128, 128, (out, 2, 3, 3)).astype(np.int8)  # K = 18 -> Kp = 20
+    flat, kp = dsp_weight_layout(weight, groups)
+    og = out // groups
+    og2 = og + og % 2
+    assert kp == 20 and flat.dtype == np.int8 and flat.size == groups * og2 * kp
+    rows = _read_dsp_layout(flat, out, groups, kp)
+    expected = np.zeros((groups, og2, kp), np.int64)
+    expected[:, :og, :18] = weight.reshape(groups, og, 18)
+    assert np.array_equal(rows, expected)
 
 
 def test_missing_arm_tools_are_named(monkeypatch):

@@ -40,19 +40,6 @@ _ALIGN = 4
 # The kernels, written once; ``{X}``/``{Y}`` are the input/output element types. Each is emitted
 # only for the type combinations the program uses.
 _HELPERS = r"""
-#if LQ_DSP
-/* A 32-bit word from any address (one LDR on the Cortex-M; memcpy keeps C's aliasing rules). */
-static inline int32_t lq_load32(const void *p) { int32_t v; memcpy(&v, p, 4); return v; }
-/* SXTB16 of v rotated right by 8: bytes 1 and 3 sign-extended to two int16 halves, one
- * instruction (GCC does not fold the rotation into __sxtb16 by itself). */
-static inline int32_t lq_sxtb16_ror8(int32_t v)
-{
-    int32_t r;
-    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
-    return r;
-}
-#endif
-
 /* floor(x / 2^t) for any sign, with right shifts of non-negative values only. */
 static inline int64_t lq_shr(int64_t x, int t) { return x >= 0 ? x >> t : ~((~x) >> t); }
 
@@ -62,6 +49,30 @@ static inline int64_t lq_round_clamp(int64_t x, int t, int64_t lo, int64_t hi)
     int64_t y = lq_shr(x + ((int64_t)1 << (t - 1)), t);
     return y < lo ? lo : (y > hi ? hi : y);
 }
+
+#if LQ_DSP
+/* lq_round_clamp(acc * m, t, lo, hi) for an int32 accumulator and a multiplier m < 2^31, in
+ * 32-bit steps when t > 32 (the usual case: m in [2^30, 2^31) and a scale ratio under 1/2):
+ * with h = floor(acc * m / 2^32), the high word of one SMULL (|h| <= 2^30),
+ * floor((acc * m + 2^(t-1)) / 2^t) = floor((h + 2^(t-33)) / 2^(t-32)), because adding a
+ * multiple of 2^32 commutes with floor division by 2^32; |h + 2^(t-33)| < 2^31 (t <= 62), and
+ * the arithmetic right shift by t - 32 is that floor division. Shifts of negative values are
+ * arithmetic in GCC and Clang ("Integers implementation" in GCC's manual), the only compilers
+ * of this path (it uses their inline assembly); the portable path keeps lq_round_clamp, which
+ * shifts non-negative values only. t <= 32 takes lq_round_clamp here too. */
+static inline int32_t lq_requant32(int32_t acc, int32_t m, int t, int32_t lo, int32_t hi)
+{
+    int32_t h, y;
+    if (t <= 32) return (int32_t)lq_round_clamp((int64_t)acc * m, t, lo, hi);
+    h = (int32_t)(((int64_t)acc * m) >> 32);
+    y = (h + (1 << (t - 33))) >> (t - 32);
+    return y < lo ? lo : (y > hi ? hi : y);
+}
+/* A fused layer's requantize of accumulator acc (lo, hi: a code range, inside int32). */
+#define LQ_REQUANT(acc, m, t, lo, hi) lq_requant32(acc, m, t, (int32_t)(lo), (int32_t)(hi))
+#else
+#define LQ_REQUANT(acc, m, t, lo, hi) lq_round_clamp((int64_t)(acc) * (m), t, lo, hi)
+#endif
 
 #if !LQ_DSP
 /* Unpack codes [k0, k0 + n) of a packed b-bit weight stream (code + 2^(b-1), LSB first). */
@@ -99,7 +110,7 @@ _LAYER_FORMS = {
         "{OUT_NAME}": "_rq_{YN}",
         "{OUT_PARAMS}": "{Y} *y, const int32_t *m, const int8_t *t, int pc, int64_t lo, int64_t hi",
         "{LQ_V}": "#define LQ_V(acc, ch) \\\n"
-        "    (({Y})lq_round_clamp((int64_t)(acc) * m[pc ? (ch) : 0], t[pc ? (ch) : 0], lo, hi))",
+        "    (({Y})LQ_REQUANT((acc), m[pc ? (ch) : 0], t[pc ? (ch) : 0], lo, hi))",
         "{PLANE}": "plane",
         "{PLANE_PARAM}": ", int32_t *plane",
         "{EMIT}": "\n        for (oy = 0; oy < OH * OW; oy++)"
@@ -119,10 +130,24 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
     int c, ky, kx, k = 0;
     int iy0 = oy * SH - PH, ix0 = ox * SW - PW;
     if (DW == 1 && iy0 >= 0 && ix0 >= 0 && iy0 + (KH - 1) * DH < H && ix0 + KW <= W) {
-        for (c = 0; c < cg; c++) {
-            const {X} *xc = x + ((int32_t)c * H + iy0) * W + ix0;
-            for (ky = 0; ky < KH; ky++, xc += DH * W)
-                for (kx = 0; kx < KW; kx++) col[k++] = (int16_t)xc[kx];
+        const {X} *xc = x + (int32_t)iy0 * W + ix0;
+        int32_t HW = (int32_t)H * W, R = (int32_t)DH * W;
+        if (KH == 3 && KW == 3) { /* unrolled: 2 instructions per code (load, store) */
+            for (c = 0; c < cg; c++, xc += HW, k += 9) {
+                col[k] = (int16_t)xc[0], col[k + 1] = (int16_t)xc[1];
+                col[k + 2] = (int16_t)xc[2], col[k + 3] = (int16_t)xc[R];
+                col[k + 4] = (int16_t)xc[R + 1], col[k + 5] = (int16_t)xc[R + 2];
+                col[k + 6] = (int16_t)xc[2 * R], col[k + 7] = (int16_t)xc[2 * R + 1];
+                col[k + 8] = (int16_t)xc[2 * R + 2];
+            }
+        } else if (KH == 1 && KW == 1) {
+            for (c = 0; c < cg; c++, xc += HW) col[k++] = (int16_t)xc[0];
+        } else {
+            for (c = 0; c < cg; c++, xc += HW) {
+                const {X} *xr = xc;
+                for (ky = 0; ky < KH; ky++, xr += R)
+                    for (kx = 0; kx < KW; kx++) col[k++] = (int16_t)xr[kx];
+            }
         }
     } else {
         for (c = 0; c < cg; c++) {
@@ -142,31 +167,86 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
 
 #endif
 """,
+    "dot2x2": r"""
+#if LQ_DSP
+/* The DSP kernels' inner loop: s[0..3] += the dot products of two output channels' int8
+ * weights (a, b) with two int16 columns (c0, c1) of Kp = s[4] codes (a multiple of 4):
+ * s = {a.c0, a.c1, b.c0, b.c1}. Weights as dsp_weight_layout stores them: per group of four
+ * codes the word of a then the word of b (one LDRD), each word w0 w2 w1 w3, so SXTB16 gives
+ * the pair (w0, w1) and SXTB16 of the word rotated by 8 gives (w2, w3), matching the columns'
+ * int16 pairs; SMLAD adds two 16 x 16 products to an int32. 15 instructions per 16 MACs plus
+ * the loop's 2 per 32 MACs (two groups per pass; one group first when Kp / 4 is odd).
+ * Registers: r4-r7 the sums, r8-r11 the weight pairs, r12/r3 two column words, lr the end of
+ * column 0: all 14. Written in assembly because gcc 12 -O2 spilled three of them inside the
+ * loop (25 instructions per 16 MACs, measured). Exactness: see lq_conv_dsp. */
+__attribute__((naked, noinline)) static void lq_dot2x2(const int8_t *w, const int16_t *c0,
+                                                      const int16_t *c1, int32_t *s)
+{
+    __asm__ volatile(
+        ".syntax unified\n"
+        "push {r3-r11, lr}\n"
+        "ldm r3, {r4-r7}\n"
+        "ldr r12, [r3, #16]\n"
+        "add lr, r1, r12, lsl #1\n"
+        "tst r12, #4\n"
+        "beq 2f\n"
+{GROUP}
+        "cmp r1, lr\n"
+        "beq 3f\n"
+        "2:\n"
+{GROUP}
+{GROUP}
+        "cmp r1, lr\n"
+        "bne 2b\n"
+        "3:\n"
+        "ldr r3, [sp]\n"
+        "stm r3, {r4-r7}\n"
+        "pop {r3-r11, pc}\n"
+        : : : "memory");
+}
+#endif
+""".replace(
+        "{GROUP}",
+        """\
+        "ldrd r8, r9, [r0], #8\\n"
+        "sxtb16 r10, r8, ror #8\\n"
+        "sxtb16 r8, r8\\n"
+        "sxtb16 r11, r9, ror #8\\n"
+        "sxtb16 r9, r9\\n"
+        "ldrd r12, r3, [r1], #8\\n"
+        "smlad r4, r8, r12, r4\\n"
+        "smlad r4, r10, r3, r4\\n"
+        "smlad r6, r9, r12, r6\\n"
+        "smlad r6, r11, r3, r6\\n"
+        "ldrd r12, r3, [r2], #8\\n"
+        "smlad r5, r8, r12, r5\\n"
+        "smlad r5, r10, r3, r5\\n"
+        "smlad r7, r9, r12, r7\\n"
+        "smlad r7, r11, r3, r7\\n\"""",
+    ),
     "conv2d_dsp": r"""
 #if LQ_DSP
 {LQ_V}
 /* conv2d (and linear, as a 1x1 conv of a (I, 1, 1) input) for the Arm DSP extension
- * (ARMv7E-M: Cortex-M4/M7/M33): two output channels x two output pixels per pass, two
- * multiply-accumulates per SMLAD (16 x 16 products of both halves added to an int32).
- * Weights: int8, per output channel K codes padded with zeros to Kp (a multiple of 4), each
- * group of four stored w0 w2 w1 w3, so that SXTB16 of the word is (w0, w1) and SXTB16 of the
- * word rotated by 8 is (w2, w3), matching the column's int16 pairs (x0, x1), (x2, x3).
+ * (ARMv7E-M: Cortex-M4/M7/M33): the receptive fields of two output pixels copied into int16
+ * columns (im2col), then two output channels x two pixels per lq_dot2x2 call.
  * Exact: codes fit int16 ([-128, 255]) and weights int8; every running sum is the bias plus
  * some of the products, so |sum| <= sum|w| max|x| + |bias| = the layer's acc_bound < 2^31
- * (checked by verify), and no SMLAD wraps. Channels or pixels without a partner (odd counts)
- * are computed against a duplicate and not stored; their sums obey the same bound. */
-/* noinline: inlined into the entry point with constant arguments, gcc 12 -O2 allocated the
- * inner loop's registers worse (38 instructions per 16 MACs instead of 22, measured). */
-__attribute__((noinline)) static void lq_conv_dsp_{XN}{OUT_NAME}(
+ * (checked by verify), and no SMLAD wraps. A channel without a partner (odd channel count per
+ * group) is paired with zero weights, a pixel without one with a copy of its own column; the
+ * results of both are not stored. */
+static void lq_conv_dsp_{XN}{OUT_NAME}(
     const {X} *x, int C, int H, int W, const int8_t *w, int Kp, const int32_t *bias,
     {OUT_PARAMS}, int O, int OH, int OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH,
     int DW, int groups, int16_t *cols)
 {
-    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, k;
+    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o;
+    int og2 = og + (og & 1); /* weight rows per group: padded to pairs */
     int16_t *col0 = cols, *col1 = cols + Kp;
+    int32_t s[5];
+    s[4] = Kp;
     for (g = 0; g < groups; g++) {
         const {X} *xg = x + (int32_t)g * cg * H * W;
-        int o_end = (g + 1) * og;
         for (p = 0; p < P; p += 2) {
             int two = p + 1 < P;
             const int16_t *c1 = two ? col1 : col0;
@@ -175,31 +255,16 @@ __attribute__((noinline)) static void lq_conv_dsp_{XN}{OUT_NAME}(
             if (two)
                 lq_im2col_{XN}(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
                                (p + 1) % OW, Kp, col1);
-            for (o = g * og; o < o_end; o += 2) {
-                int pair = o + 1 < o_end;
-                const int8_t *w0 = w + (int32_t)o * Kp, *w1 = pair ? w0 + Kp : w0;
-                int32_t a00 = bias[o], a01 = bias[o];
-                int32_t a10 = pair ? bias[o + 1] : 0, a11 = a10;
-                for (k = 0; k < Kp; k += 4) {
-                    int32_t wa = lq_load32(w0 + k), wb = lq_load32(w1 + k);
-                    int32_t wa01 = __sxtb16(wa), wa23 = lq_sxtb16_ror8(wa);
-                    int32_t wb01 = __sxtb16(wb), wb23 = lq_sxtb16_ror8(wb);
-                    int32_t x0a = lq_load32(col0 + k), x0b = lq_load32(col0 + k + 2);
-                    int32_t x1a = lq_load32(c1 + k), x1b = lq_load32(c1 + k + 2);
-                    a00 = __smlad(wa01, x0a, a00);
-                    a00 = __smlad(wa23, x0b, a00);
-                    a01 = __smlad(wa01, x1a, a01);
-                    a01 = __smlad(wa23, x1b, a01);
-                    a10 = __smlad(wb01, x0a, a10);
-                    a10 = __smlad(wb23, x0b, a10);
-                    a11 = __smlad(wb01, x1a, a11);
-                    a11 = __smlad(wb23, x1b, a11);
-                }
-                y[(int32_t)o * P + p] = LQ_V(a00, o);
-                if (two) y[(int32_t)o * P + p + 1] = LQ_V(a01, o);
+            for (o = 0; o < og; o += 2) {
+                int oa = g * og + o, pair = o + 1 < og;
+                s[0] = s[1] = bias[oa];
+                s[2] = s[3] = pair ? bias[oa + 1] : 0;
+                lq_dot2x2(w + ((int32_t)g * og2 + o) * Kp, col0, c1, s);
+                y[(int32_t)oa * P + p] = LQ_V(s[0], oa);
+                if (two) y[(int32_t)oa * P + p + 1] = LQ_V(s[1], oa);
                 if (pair) {
-                    y[(int32_t)(o + 1) * P + p] = LQ_V(a10, o + 1);
-                    if (two) y[(int32_t)(o + 1) * P + p + 1] = LQ_V(a11, o + 1);
+                    y[(int32_t)(oa + 1) * P + p] = LQ_V(s[2], oa + 1);
+                    if (two) y[(int32_t)(oa + 1) * P + p + 1] = LQ_V(s[3], oa + 1);
                 }
             }
         }
@@ -434,6 +499,18 @@ _ARENA_NOTE = """\
 """
 
 
+_PROFILE_HOOK = """
+/* -DLQ_PROFILE: call lq_profile(i) after node i (the firmware defines it, e.g. to read a cycle
+ * counter: lsqint.export.mcu's per-node instruction counts); otherwise no code. */
+#if defined(LQ_PROFILE) && LQ_PROFILE
+void lq_profile(int node);
+#define LQ_MARK(node) lq_profile(node)
+#else
+#define LQ_MARK(node) ((void)0)
+#endif
+"""
+
+
 class CExportError(ExportError):
     """The program cannot be written as C (an op this generator has no kernel for)."""
 
@@ -607,16 +684,21 @@ def _c_affine(e: _Emitter, node: Node, tag: str) -> None:
     )
 
 
-def dsp_weight_layout(weight: np.ndarray) -> tuple[np.ndarray, int]:
-    """The DSP kernel's int8 weights: per output channel its K codes padded with zeros to Kp (a
-    multiple of 4), each group of four stored w0 w2 w1 w3 (so that SXTB16 pairs them as the
-    kernel's int16 columns: see ``conv2d_dsp``). Returns (flat int8 array, Kp)."""
+def dsp_weight_layout(weight: np.ndarray, groups: int = 1) -> tuple[np.ndarray, int]:
+    """The DSP kernel's int8 weights (``lq_dot2x2``): per output channel its K codes padded
+    with zeros to Kp (a multiple of 4), each group of four stored w0 w2 w1 w3 (so that SXTB16
+    pairs them as the kernel's int16 columns); channels in pairs within each conv group (a zero
+    channel completes an odd count), a pair's words interleaved: a's first four codes, b's
+    first four, a's next four, ... Returns (flat int8 array, Kp)."""
     out = weight.shape[0]
     k = int(np.prod(weight.shape[1:]))
     kp = -(-k // 4) * 4
-    padded = np.zeros((out, kp), np.int8)
-    padded[:, :k] = weight.reshape(out, k)
-    return padded.reshape(out, kp // 4, 4)[:, :, [0, 2, 1, 3]].reshape(-1), kp
+    og = out // groups
+    og2 = og + og % 2
+    padded = np.zeros((groups, og2, kp), np.int8)
+    padded[:, :og, :k] = weight.reshape(groups, og, k)
+    words = padded.reshape(groups, og2 // 2, 2, kp // 4, 4)[..., [0, 2, 1, 3]]
+    return words.transpose(0, 1, 3, 2, 4).reshape(-1), kp
 
 
 def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
@@ -624,7 +706,7 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     weight = np.asarray(p["weight"])
     bits = int(a["weight_bits"])
     packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
-    dsp_weight, kp = dsp_weight_layout(weight)
+    dsp_weight, kp = dsp_weight_layout(weight, int(a.get("groups", 1)))
     # Flash holds one layout: int8 for the DSP kernel, else the packed b-bit stream.
     e.consts.append(
         "#if LQ_DSP\n"
@@ -656,6 +738,7 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f"{_int64_literal(a_rq['hi'])}"
         )
     e.kernel("im2col", X=x.dtype)
+    e.kernel("dot2x2")
     e.kernel("conv2d_dsp", form, **types)
     if node.op == "conv2d":
         e.kernel("conv2d", form, **types)
@@ -890,6 +973,7 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
                 "program to ONNX instead, or add the op to lsqint.export.c_code"
             )
         lower(e, node, f"n{index}")
+        e.calls.append(f"LQ_MARK({index});")
     consts, calls, kernels, scratch = e.consts, e.calls, e.kernels, e.scratch
     portable_scratch = 2 * scratch + (4 * e.plane if e.fused else 0)
     weight_bytes, int8_bytes = e.weight_bytes, e.int8_bytes
@@ -951,6 +1035,7 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
             else ""
         )
         + "#endif\n"
+        + _PROFILE_HOOK
         + _HELPERS
         + "".join(kernels.values())  # in first use order: im2col before the DSP kernels
         + "\n"

@@ -63,7 +63,7 @@ class Firmware:
     bss_bytes: int  # zeroed RAM: the arena, the kernels' scratch, the C library's
 
 
-def _main_c(name: str, images: np.ndarray) -> str:
+def _main_c(name: str, images: np.ndarray, nodes: int) -> str:
     n = images.shape[0]
     size = int(np.prod(images.shape[1:]))
     rows = []
@@ -80,12 +80,26 @@ static const uint8_t images[{n}][{size}] = {{
 
 void SystemInit(void) {{}}
 
+#if defined(LQ_PROFILE) && LQ_PROFILE
+/* Counter ticks spent in each node of the program, summed over the images. */
+static uint32_t node_ticks[{nodes}], last_tick;
+void lq_profile(int node)
+{{
+    uint32_t now = COUNTER;
+    node_ticks[node] += now - last_tick;
+    last_tick = COUNTER;  /* the hook's own instructions are not counted */
+}}
+#endif
+
 int main(void)
 {{
     static int32_t logits[{name.upper()}_NUM_CLASSES];
     int i, k;
     for (i = 0; i < {n}; i++) {{
         uint32_t start = COUNTER, ticks;
+#if defined(LQ_PROFILE) && LQ_PROFILE
+        last_tick = start;
+#endif
         {name}_run(images[i], logits);
         ticks = COUNTER - start;
         printf("ticks %lu\\n", (unsigned long)ticks);
@@ -93,6 +107,9 @@ int main(void)
         for (k = 0; k < {name.upper()}_NUM_CLASSES; k++) printf(" %ld", (long)logits[k]);
         printf("\\n");
     }}
+#if defined(LQ_PROFILE) && LQ_PROFILE
+    for (k = 0; k < {nodes}; k++) printf("node %d %lu\\n", k, (unsigned long)node_ticks[k]);
+#endif
     return 0;
 }}
 """
@@ -116,36 +133,46 @@ def build_firmware(
     name: str = "model",
     opt: str = "-Os",
     portable: bool = False,
+    profile: bool = False,
 ) -> Firmware:
     """Cross-compile ``program`` and a main that classifies ``images`` (uint8, N x C x H x W);
     ``opt``: the optimization flag (``-Os`` for flash, ``-O2`` for speed); ``portable``: build
-    the portable C kernels (``-DLQ_PORTABLE``) instead of the Arm DSP extension's."""
+    the portable C kernels (``-DLQ_PORTABLE``) instead of the Arm DSP extension's;
+    ``profile``: also count each node's instructions (``-DLQ_PROFILE``; ``node_instructions``)."""
+    out = Path(out_dir)
+    info = export_c(program, out, name)
+    pixels = np.ascontiguousarray(images, np.uint8)
+    (out / "main.c").write_text(_main_c(info.name, pixels, len(program.nodes)))
+    defines = (["-DLQ_PORTABLE"] if portable else []) + (["-DLQ_PROFILE=1"] if profile else [])
+    return link_firmware([out / "main.c", info.source], out / f"{info.name}.elf", opt, defines)
+
+
+def link_firmware(sources: list[Path], elf: Path, opt: str = "-Os", defines=()) -> Firmware:
+    """Compile and link C ``sources`` (one with ``main``) into a Cortex-M4 firmware ``elf`` for
+    qemu's mps2-an386 board: the toolchain's startup code, its linker script with that board's
+    memory map, semihosting for ``printf``."""
     missing = missing_tools()
     if missing:
         raise McuToolError(
             f"missing {', '.join(missing)}; install them with `apt-get install "
             "gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm`"
         )
-    out = Path(out_dir)
-    info = export_c(program, out, name)
-    (out / "main.c").write_text(_main_c(info.name, np.ascontiguousarray(images, np.uint8)))
+    elf = Path(elf)
     script = (EXAMPLES / "ldscripts/gcc.ld").read_text()
     script = re.sub(r"MEMORY\s*\{[^}]*\}", MEMORY, script, count=1)
-    (out / "gcc.ld").write_text(script)
-    elf = out / f"{info.name}.elf"
+    (elf.parent / "gcc.ld").write_text(script)
     command = [
         "arm-none-eabi-gcc",
         *(flag for flag in CFLAGS if not flag.startswith("-O")),
         opt,
-        *(["-DLQ_PORTABLE"] if portable else []),
+        *defines,
         "--specs=rdimon.specs",
         "-D__STARTUP_CLEAR_BSS",
         "-D__START=_start",
         "-T",
-        str(out / "gcc.ld"),
+        str(elf.parent / "gcc.ld"),
         str(EXAMPLES / "startup/startup_ARMCM4.S"),
-        str(out / "main.c"),
-        str(info.source),
+        *(str(source) for source in sources),
         "-o",
         str(elf),
     ]
@@ -168,10 +195,8 @@ def model_object_sizes(source: str | Path, portable: bool = False) -> dict[str, 
     return {"flash_bytes": text + data, "ram_bytes": data + bss}
 
 
-def run_qemu(firmware: Firmware, timeout: float = 600, count: bool = False):
-    """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32.
-    ``count``: run with ``-icount shift=0`` and also return each image's executed instructions
-    (int64 (N,), to within one counter tick of 40 instructions)."""
+def qemu_output(firmware: Firmware, timeout: float = 600, count: bool = False) -> str:
+    """What the firmware printed on qemu's Cortex-M4 board (``count``: ``-icount shift=0``)."""
     command = [
         "qemu-system-arm",
         "-M",
@@ -182,7 +207,26 @@ def run_qemu(firmware: Firmware, timeout: float = 600, count: bool = False):
         "-kernel",
         str(firmware.elf),
     ]
-    output = _run(command, "qemu-system-arm", timeout)
+    return _run(command, "qemu-system-arm", timeout)
+
+
+def node_instructions(firmware: Firmware, timeout: float = 600) -> np.ndarray:
+    """Instructions executed in each node of the program per image (float64 (nodes,), the mean
+    over the firmware's images, to within a counter tick each), from a firmware built with
+    ``profile=True``."""
+    output = qemu_output(firmware, timeout, count=True)
+    images = sum(line.startswith("logits") for line in output.splitlines())
+    ticks = [int(line.split()[2]) for line in output.splitlines() if line.startswith("node ")]
+    if not ticks or not images:
+        raise McuToolError("the firmware printed no node counts: build it with profile=True")
+    return np.array(ticks, dtype=np.float64) * INSTRUCTIONS_PER_TICK / images
+
+
+def run_qemu(firmware: Firmware, timeout: float = 600, count: bool = False):
+    """Run the firmware on qemu's Cortex-M4 board; the logits it printed, (N, classes) int32.
+    ``count``: run with ``-icount shift=0`` and also return each image's executed instructions
+    (int64 (N,), to within one counter tick of 40 instructions)."""
+    output = qemu_output(firmware, timeout, count)
     rows = [line.split()[1:] for line in output.splitlines() if line.startswith("logits")]
     if not rows:
         raise McuToolError(f"the firmware printed no logits: {output.strip()[:200]!r}")
