@@ -355,3 +355,70 @@ def test_odd_geometry_is_exact_in_c(bits):
     fresh = np.random.default_rng(1).integers(0, 256, (5, 3, 17, 21), dtype=np.uint8)
     for batch in (images.numpy(), fresh):
         assert_runtimes_agree(program, batch)
+
+
+def _pack4_chunk(u_words: np.ndarray, x_words: np.ndarray) -> int:
+    """What lq_pack4_dot computes for one chunk: the products of the words summed mod 2^32
+    (MUL, MLA), then bits 24..31 (ADD ..., LSR #24)."""
+    acc = 0
+    for u, x in zip(u_words.tolist(), x_words.tolist(), strict=True):
+        acc = (acc + u * x) % 2**32
+    return acc >> 24
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 2), (2, 3), (3, 3), (4, 2), (4, 4), (8, 8)])
+def test_pack4_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bits):
+    """pack4_plan's chunk length n: with the layout pack4_weight_layout stores and the im2col
+    bytes as words, n packed products summed mod 2^32 hold the exact dot product in bits
+    24..31, at the worst case (largest codes) and on random codes; one more product than the
+    bound allows is wrong at the worst case. Pairs where not even one product is provably
+    exact (4-bit weights and activations, 8-bit) get no plan."""
+    from lsqint.export.c_code import PACK4_LOW, pack4_plan, pack4_weight_layout
+
+    w_lo, w_hi, x_hi = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1, 2**a_bits - 1
+    p = x_hi * (w_hi - w_lo)
+    n_max = min(255 // (4 * p), (2**24 - 1) // (PACK4_LOW * p))
+    corners = np.array([w_lo, w_hi] * 2, np.int8).reshape(1, 4, 1, 1)
+    plan = pack4_plan(np.repeat(corners, 2, axis=0), 0, x_hi)
+    if n_max < 1:
+        assert plan is None
+        return
+    assert plan is not None and 1 <= plan[0] <= n_max and plan[2] == w_lo
+    rng = np.random.default_rng(w_bits * 10 + a_bits)
+    for n, expect_exact in [(n_max, True), (n_max + 1, False)]:
+        worst = np.full((2, 4 * n, 1, 1), w_hi, np.int8)
+        for weight, x in [
+            (worst, np.full(4 * n, x_hi, np.uint8)),
+            (
+                rng.integers(w_lo, w_hi + 1, (2, 4 * n, 1, 1)).astype(np.int8),
+                rng.integers(0, x_hi + 1, 4 * n).astype(np.uint8),
+            ),
+        ]:
+            flat = pack4_weight_layout(weight, 1, w_lo, 4 * n)
+            words = flat.view("<u4").reshape(n, 2)  # per group: channel a's word, b's
+            x_words = x.view("<u4")
+            for channel in range(2):
+                exact = int(((weight[channel].ravel().astype(int) - w_lo) * x).sum())
+                got = _pack4_chunk(words[:, channel], x_words)
+                if expect_exact:
+                    assert got == exact, (n, channel)
+                elif weight is worst:
+                    assert got != exact, (n, channel)
+
+
+@pytest.mark.mcu
+@needs_arm
+def test_cortex_m4_packed_kernels_are_taken_and_exact(tmp_path):
+    """Low-bit layers take the packed kernel (CExport.dsp_kernels) and stay == the reference on
+    the Cortex-M4: W2A2 and W3A2 per-channel and per-tensor, ResNet-8 at W2A2."""
+    cases = [
+        ("digits_cnn", QuantConfig(2, 2), 1),
+        ("digits_cnn", QuantConfig(3, 2, per_channel=False), 2),
+        ("mlperf_resnet8", QuantConfig(2, 2), 3),
+    ]
+    for index, (name, config, seed) in enumerate(cases):
+        _, program, images = random_qat_program(name, config, seed=seed, batch=3)
+        firmware = build_firmware(program, images.numpy(), tmp_path / f"p{index}", opt="-O2")
+        assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images.numpy()))
+        kernels = generate_c(program)[2].dsp_kernels
+        assert any(k.startswith("dsp-pack4") for k in kernels.values()), kernels

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from ..intprog.ops import Unsupported
 from ..intprog.program import IntProgram, Node
 from ..intprog.verify import verify
 
-C_TYPES = {"uint8": "uint8_t", "int8": "int8_t", "int32": "int32_t"}
+C_TYPES = {"uint8": "uint8_t", "int8": "int8_t", "int16": "int16_t", "int32": "int32_t"}
 _ITEM_BYTES = {"uint8": 1, "int8": 1, "int32": 4}
 _ALIGN = 4
 
@@ -68,6 +68,8 @@ static inline int32_t lq_requant32(int32_t acc, int32_t m, int t, int32_t lo, in
     y = (h + (1 << (t - 33))) >> (t - 32);
     return y < lo ? lo : (y > hi ? hi : y);
 }
+/* The packed kernels' inner loops (lq_pack4_dot_N_R, written per chunk length N). */
+typedef void (*lq_pack4_fn)(const uint8_t *u, const uint32_t *cols, int32_t *s, int32_t n);
 /* A fused layer's requantize of accumulator acc (lo, hi: a code range, inside int32). */
 #define LQ_REQUANT(acc, m, t, lo, hi) lq_requant32(acc, m, t, (int32_t)(lo), (int32_t)(hi))
 #else
@@ -121,11 +123,11 @@ _LAYER_FORMS = {
 _KERNELS = {
     "im2col": r"""
 #if LQ_DSP
-/* The receptive field of output pixel (oy, ox) as int16 codes, 0 for padding and for k >= K
+/* The receptive field of output pixel (oy, ox) as {C} codes, 0 for padding and for k >= K
  * (im2col of one pixel; k = (c * KH + ky) * KW + kx, the weights' order). A window wholly
  * inside the input with DW == 1 copies rows of KW codes without bounds tests. */
-static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, int SH, int SW,
-                           int PH, int PW, int DH, int DW, int oy, int ox, int Kp, int16_t *col)
+static void lq_im2col_{XN}_{CN}(const {X} *x, int H, int W, int cg, int KH, int KW, int SH, int SW,
+                           int PH, int PW, int DH, int DW, int oy, int ox, int Kp, {C} *col)
 {
     int c, ky, kx, k = 0;
     int iy0 = oy * SH - PH, ix0 = ox * SW - PW;
@@ -134,19 +136,19 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
         int32_t HW = (int32_t)H * W, R = (int32_t)DH * W;
         if (KH == 3 && KW == 3) { /* unrolled: 2 instructions per code (load, store) */
             for (c = 0; c < cg; c++, xc += HW, k += 9) {
-                col[k] = (int16_t)xc[0], col[k + 1] = (int16_t)xc[1];
-                col[k + 2] = (int16_t)xc[2], col[k + 3] = (int16_t)xc[R];
-                col[k + 4] = (int16_t)xc[R + 1], col[k + 5] = (int16_t)xc[R + 2];
-                col[k + 6] = (int16_t)xc[2 * R], col[k + 7] = (int16_t)xc[2 * R + 1];
-                col[k + 8] = (int16_t)xc[2 * R + 2];
+                col[k] = ({C})xc[0], col[k + 1] = ({C})xc[1];
+                col[k + 2] = ({C})xc[2], col[k + 3] = ({C})xc[R];
+                col[k + 4] = ({C})xc[R + 1], col[k + 5] = ({C})xc[R + 2];
+                col[k + 6] = ({C})xc[2 * R], col[k + 7] = ({C})xc[2 * R + 1];
+                col[k + 8] = ({C})xc[2 * R + 2];
             }
         } else if (KH == 1 && KW == 1) {
-            for (c = 0; c < cg; c++, xc += HW) col[k++] = (int16_t)xc[0];
+            for (c = 0; c < cg; c++, xc += HW) col[k++] = ({C})xc[0];
         } else {
             for (c = 0; c < cg; c++, xc += HW) {
                 const {X} *xr = xc;
                 for (ky = 0; ky < KH; ky++, xr += R)
-                    for (kx = 0; kx < KW; kx++) col[k++] = (int16_t)xr[kx];
+                    for (kx = 0; kx < KW; kx++) col[k++] = ({C})xr[kx];
             }
         }
     } else {
@@ -157,7 +159,7 @@ static void lq_im2col_{XN}(const {X} *x, int H, int W, int cg, int KH, int KW, i
                 for (kx = 0; kx < KW; kx++, k++) {
                     int ix = ix0 + kx * DW;
                     int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
-                    col[k] = inside ? (int16_t)xc[iy * W + ix] : 0;
+                    col[k] = inside ? ({C})xc[iy * W + ix] : 0;
                 }
             }
         }
@@ -250,10 +252,10 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
         for (p = 0; p < P; p += 2) {
             int two = p + 1 < P;
             const int16_t *c1 = two ? col1 : col0;
-            lq_im2col_{XN}(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, p / OW, p % OW, Kp,
+            lq_im2col_{XN}_i16(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, p / OW, p % OW, Kp,
                            col0);
             if (two)
-                lq_im2col_{XN}(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
+                lq_im2col_{XN}_i16(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
                                (p + 1) % OW, Kp, col1);
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
@@ -265,6 +267,61 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
                 if (pair) {
                     y[(int32_t)(oa + 1) * P + p] = LQ_V(s[2], oa + 1);
                     if (two) y[(int32_t)(oa + 1) * P + p + 1] = LQ_V(s[3], oa + 1);
+                }
+            }
+        }
+    }
+}
+#undef LQ_V
+#endif
+""",
+    "conv2d_p4": r"""
+#if LQ_DSP
+{LQ_V}
+/* conv2d/linear at low bit widths for the Arm DSP extension: four MACs per MUL/MLA (see
+ * lq_pack4_dot, whose assembly lsqint writes per chunk length). The receptive fields of two
+ * output pixels are copied as bytes (im2col), their words interleaved (pixel 0's word k/4,
+ * pixel 1's) and summed (USADA8: sx); the weights are u = w - woff >= 0, so
+ * acc = bias + sum(u * x) + woff * sx: the exact accumulator (each term inside int32, checked
+ * at export; their total is the layer's, within its acc_bound). */
+static void lq_conv_p4_{XN}{OUT_NAME}(
+    const {X} *x, int C, int H, int W, const uint8_t *u, int Kp, int32_t woff, lq_pack4_fn dot,
+    int32_t iterations, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW, int KH,
+    int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups, uint32_t *cols)
+{
+    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, i;
+    int og2 = og + (og & 1); /* weight rows per group: padded to pairs */
+    uint8_t *b0 = (uint8_t *)cols, *b1 = b0 + Kp;
+    uint32_t *mixed = cols + Kp / 2; /* 2 Kp bytes: the two columns' words interleaved */
+    int32_t s[4];
+    for (g = 0; g < groups; g++) {
+        const {X} *xg = x + (int32_t)g * cg * H * W;
+        for (p = 0; p < P; p += 2) {
+            int two = p + 1 < P;
+            const uint32_t *v0 = cols, *v1 = two ? cols + Kp / 4 : cols;
+            uint32_t sx0 = 0, sx1 = 0;
+            lq_im2col_{XN}_u8(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, p / OW, p % OW, Kp,
+                              b0);
+            if (two)
+                lq_im2col_{XN}_u8(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
+                                  (p + 1) % OW, Kp, b1);
+            for (i = 0; i < Kp / 4; i++) {
+                mixed[2 * i] = v0[i], mixed[2 * i + 1] = v1[i];
+                sx0 = __usada8(v0[i], 0, sx0), sx1 = __usada8(v1[i], 0, sx1);
+            }
+            for (o = 0; o < og; o += 2) {
+                int oa = g * og + o, pair = o + 1 < og;
+                dot(u + ((int32_t)g * og2 + o) * Kp, mixed, s, iterations);
+                y[(int32_t)oa * P + p] = LQ_V(bias[oa] + (s[0] + woff * (int32_t)sx0), oa);
+                if (two)
+                    y[(int32_t)oa * P + p + 1] =
+                        LQ_V(bias[oa] + (s[1] + woff * (int32_t)sx1), oa);
+                if (pair) {
+                    y[(int32_t)(oa + 1) * P + p] =
+                        LQ_V(bias[oa + 1] + (s[2] + woff * (int32_t)sx0), oa + 1);
+                    if (two)
+                        y[(int32_t)(oa + 1) * P + p + 1] =
+                            LQ_V(bias[oa + 1] + (s[3] + woff * (int32_t)sx1), oa + 1);
                 }
             }
         }
@@ -530,6 +587,9 @@ class CExport:
     # built (__ARM_FEATURE_DSP): int8, rows padded to a multiple of 4.
     dsp_weight_bytes: int = 0
     dsp_scratch_bytes: int = 0
+    # The DSP build's kernel of each conv2d/linear: "dsp-smlad" (two MACs per SMLAD) or
+    # "dsp-pack4 n=N" (four MACs per MUL/MLA, chunks of N exact products; pack4_plan).
+    dsp_kernels: dict[str, str] = field(default_factory=dict)
 
 
 def c_identifier(name: str) -> str:
@@ -540,7 +600,7 @@ def c_identifier(name: str) -> str:
 
 
 def _type_name(dtype: str) -> str:
-    return {"uint8": "u8", "int8": "i8", "int32": "i32"}[dtype]
+    return {"uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32"}[dtype]
 
 
 def _array(ctype: str, name: str, values, align: int | None = None) -> str:
@@ -648,6 +708,7 @@ class _Emitter:
         self.dsp_weight_bytes = 0
         self.weight_bytes = 0
         self.int8_bytes = 0
+        self.kernel_choice: dict[str, str] = {}  # layer -> its Cortex-M kernel (DSP builds)
 
     def ref(self, tensor: str) -> str:
         spec = self.tensors[tensor]
@@ -655,9 +716,10 @@ class _Emitter:
             return "pixels"
         return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {self.offsets[tensor]}))"
 
-    def kernel(self, op: str, form: str | None = None, **types: str) -> None:
-        """Emit kernel ``op`` once per type combination (``form``: a layer kernel's form)."""
-        text = _KERNELS[op]
+    def kernel(self, op: str, form: str | None = None, text: str | None = None, **types: str):
+        """Emit kernel ``op`` once per type combination (``form``: a layer kernel's form;
+        ``text``: a generated kernel instead of one of _KERNELS)."""
+        text = _KERNELS[op] if text is None else text
         for placeholder, value in _LAYER_FORMS[form].items() if form else ():
             text = text.replace(placeholder, value)
         for key, dtype in types.items():
@@ -701,16 +763,128 @@ def dsp_weight_layout(weight: np.ndarray, groups: int = 1) -> tuple[np.ndarray, 
     return words.transpose(0, 1, 3, 2, 4).reshape(-1), kp
 
 
+# Packed low-bit MACs (lq_pack4_dot): x holds four activation codes, one per byte
+# (x = x0 + x1 2^8 + x2 2^16 + x3 2^24: the im2col bytes as they are), u four weight codes made
+# non-negative (u_i = w_i - woff), bytes reversed (u3 + u2 2^8 + u1 2^16 + u0 2^24). In the
+# product x * u the coefficient of 2^24 is C3 = x0 u0 + x1 u1 + x2 u2 + x3 u3, the dot product;
+# below it lie C0 = x0 u3, C1 = x0 u2 + x1 u3 and C2 (three products); everything above 2^32
+# is dropped by a 32-bit MUL/MLA. After n such products are accumulated mod 2^32, bits 24..31
+# hold exactly the n dot products' sum if (1) the lower part L = C0 + C1 2^8 + C2 2^16 < 2^24
+# (no carry into bit 24) and (2) C3 < 2^8 (no wrap). With p = max x * max u:
+# L <= n p (1 + 2 * 2^8 + 3 * 2^16) = n p * PACK4_LOW and C3 <= 4 n p, so every chunk of
+# n <= min(255 // (4 p), (2^24 - 1) // (PACK4_LOW p)) products is exact; it is then added to
+# an int32 total (ADD ..., LSR #24) and the next chunk starts from a MUL.
+PACK4_LOW = 1 + 2 * 2**8 + 3 * 2**16
+
+
+def pack4_plan(weight: np.ndarray, x_lo: int, x_hi: int) -> tuple[int, int, int] | None:
+    """(n, r, woff) of the packed kernel for a layer whose input codes lie in [x_lo, x_hi]: n
+    products per exact chunk, r chunks per loop pass, weight offset; None where a chunk of one
+    is not provably exact (e.g. 4-bit weights and activations: 4 * 15 * 15 > 255), the input
+    codes may be negative, or a total could leave int32."""
+    if x_lo < 0:
+        return None
+    woff = int(weight.min())
+    p = max(1, x_hi * (int(weight.max()) - woff))
+    n_max = min(255 // (4 * p), (2**24 - 1) // (PACK4_LOW * p))
+    k = int(np.prod(weight.shape[1:]))
+    if n_max < 1 or k * p >= 2**31 or abs(woff) * k * x_hi >= 2**31:
+        return None
+    groups = -(-k // 4)
+    best = None
+    for n in range(1, n_max + 1):
+        for r in range(1, 5):
+            padded = -(-groups // (n * r)) * n * r
+            # instructions per pair of channels and pixels: 6 per group, 4 per chunk, 4 per pass
+            cost = 6 * padded + 4 * padded // n + 4 * padded // (n * r)
+            if best is None or cost < best[0]:
+                best = (cost, n, r)
+    return best[1], best[2], woff
+
+
+def pack4_weight_layout(weight: np.ndarray, groups: int, woff: int, kp: int) -> np.ndarray:
+    """The packed kernel's weights: u = w - woff (uint8), rows padded with u = 0 to kp, channels
+    in pairs per conv group (a zero channel completes an odd count), per four codes the word of
+    channel a then of channel b, each word's bytes reversed (u3 u2 u1 u0)."""
+    out = weight.shape[0]
+    k = int(np.prod(weight.shape[1:]))
+    og = out // groups
+    og2 = og + og % 2
+    u = np.zeros((groups, og2, kp), np.uint8)
+    u[:, :og, :k] = (weight.reshape(groups, og, k).astype(np.int64) - woff).astype(np.uint8)
+    words = u.reshape(groups, og2 // 2, 2, kp // 4, 4)[..., ::-1]
+    return words.transpose(0, 1, 3, 2, 4).reshape(-1)
+
+
+def pack4_dot_asm(n: int, r: int) -> str:
+    """C text of ``lq_pack4_dot_{n}_{r}(u, cols, s, passes)``: s = {a.x0, a.x1, b.x0, b.x1}, the
+    dot products of two channels' packed weights with two pixels' interleaved columns, in
+    passes of r chunks of n products (MUL/MLA: 4 MACs each; see PACK4_LOW for exactness).
+    Registers: r2/r3 the weight words, r12/lr the column words, r4-r7 the chunk sums, r8-r11
+    the totals; s and the pass count live on the stack."""
+    lines = ["push {r2-r11, lr}", "mov r8, #0", "mov r9, #0", "mov r10, #0", "mov r11, #0", "1:"]
+    for _ in range(r):
+        for i in range(n):
+            lines += ["ldrd r2, r3, [r0], #8", "ldrd r12, lr, [r1], #8"]
+            for acc, (wr, xr) in zip(
+                ("r4", "r5", "r6", "r7"),
+                (("r2", "r12"), ("r2", "lr"), ("r3", "r12"), ("r3", "lr")),
+                strict=True,
+            ):
+                lines.append(
+                    f"mul {acc}, {wr}, {xr}" if i == 0 else f"mla {acc}, {wr}, {xr}, {acc}"
+                )
+        lines += [
+            f"add {t}, {t}, {a}, lsr #24"
+            for t, a in zip(("r8", "r9", "r10", "r11"), ("r4", "r5", "r6", "r7"), strict=True)
+        ]
+    lines += [
+        "ldr r2, [sp, #4]",
+        "subs r2, r2, #1",
+        "str r2, [sp, #4]",
+        "bne 1b",
+        "ldr r2, [sp]",
+        "stm r2, {r8-r11}",
+        "pop {r2-r11, pc}",
+    ]
+    body = "\n".join(f'        "{line}\\n"' for line in lines)
+    return f"""
+#if LQ_DSP
+__attribute__((naked, noinline)) static void lq_pack4_dot_{n}_{r}(const uint8_t *u,
+                                                                  const uint32_t *cols,
+                                                                  int32_t *s, int32_t passes)
+{{
+    __asm__ volatile(
+        ".syntax unified\\n"
+{body}
+        : : : "memory");
+}}
+#endif
+"""
+
+
 def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     a, p, out = node.attrs, node.params, e.tensors.get(node.output)
     weight = np.asarray(p["weight"])
     bits = int(a["weight_bits"])
     packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
-    dsp_weight, kp = dsp_weight_layout(weight, int(a.get("groups", 1)))
-    # Flash holds one layout: int8 for the DSP kernel, else the packed b-bit stream.
+    x = e.tensors[node.inputs[0]]
+    groups = int(a.get("groups", 1))
+    plan = pack4_plan(weight, x.qmin, x.qmax) if x.dtype == "uint8" else None
+    if plan is None:
+        dsp_weight, kp = dsp_weight_layout(weight, groups)
+        dsp_type = "int8_t"
+    else:
+        n, r, woff = plan
+        chunk = 4 * n * r
+        kp = -(-int(np.prod(weight.shape[1:])) // chunk) * chunk
+        dsp_weight, dsp_type = pack4_weight_layout(weight, groups, woff, kp), "uint8_t"
+        e.kernel(f"pack4_dot_{n}_{r}", text=pack4_dot_asm(n, r))
+        e.kernel("im2col", X=x.dtype, C="uint8")
+    # Flash holds one layout: the DSP kernel's bytes, else the packed b-bit stream.
     e.consts.append(
         "#if LQ_DSP\n"
-        + _array("int8_t", f"{tag}_w8", dsp_weight, align=4)
+        + _array(dsp_type, f"{tag}_w8", dsp_weight, align=4)
         + "#else\n"
         + _array("uint8_t", f"{tag}_w", packed.astype(np.uint8))
         + "#endif\n"
@@ -719,7 +893,6 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     e.weight_bytes += packed.size + 4 * p["bias"].size
     e.int8_bytes += weight.size + 4 * p["bias"].size
     e.dsp_weight_bytes += dsp_weight.size + 4 * p["bias"].size
-    x = e.tensors[node.inputs[0]]
     row = int(np.prod(weight.shape[1:]))
     e.scratch = max(e.scratch, row)
     e.dsp_scratch = max(e.dsp_scratch, kp)  # int32 words: two int16 columns of kp
@@ -737,9 +910,12 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f", {tag}_m, {tag}_t, {per_channel}, {_int64_literal(a_rq['lo'])}, "
             f"{_int64_literal(a_rq['hi'])}"
         )
-    e.kernel("im2col", X=x.dtype)
-    e.kernel("dot2x2")
-    e.kernel("conv2d_dsp", form, **types)
+    if plan is None:
+        e.kernel("im2col", X=x.dtype, C="int16")
+        e.kernel("dot2x2")
+        e.kernel("conv2d_dsp", form, **types)
+    else:
+        e.kernel("conv2d_p4", form, **types)
     if node.op == "conv2d":
         e.kernel("conv2d", form, **types)
         cin, h, w = x.shape
@@ -766,10 +942,19 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f"lq_linear_{xn}{name}({x_ref}, {cin}, {tag}_w, {bits}, {tag}_bias, {y_ref}"
             f"{out_args}, {weight.shape[0]}, lq_row);"
         )
-    dsp = (
-        f"lq_conv_dsp_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, "
-        f"{y_ref}{out_args}, {geometry}, (int16_t *)lq_cols);"
-    )
+    if plan is None:
+        dsp = (
+            f"lq_conv_dsp_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, "
+            f"{y_ref}{out_args}, {geometry}, (int16_t *)lq_cols);"
+        )
+    else:
+        n, r, woff = plan
+        dsp = (
+            f"lq_conv_p4_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {woff}, "
+            f"lq_pack4_dot_{n}_{r}, {kp // (4 * n * r)}, {tag}_bias, {y_ref}{out_args}, "
+            f"{geometry}, (uint32_t *)lq_cols);"
+        )
+    e.kernel_choice[node.name] = "dsp-smlad" if plan is None else f"dsp-pack4 n={plan[0]}"
     e.calls.append(f"#if LQ_DSP\n    {dsp}\n#else\n    {portable}\n#endif")
 
 
@@ -1054,6 +1239,7 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
         int8_weight_bytes=int8_bytes,
         dsp_weight_bytes=e.dsp_weight_bytes,
         dsp_scratch_bytes=4 * e.dsp_scratch,
+        dsp_kernels=e.kernel_choice,
     )
     return header, source, info
 
