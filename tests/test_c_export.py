@@ -357,49 +357,54 @@ def test_odd_geometry_is_exact_in_c(bits):
         assert_runtimes_agree(program, batch)
 
 
-def _pack4_chunk(u_words: np.ndarray, x_words: np.ndarray) -> int:
-    """What lq_pack4_dot computes for one chunk: the products of the words summed mod 2^32
-    (MUL, MLA), then bits 24..31 (ADD ..., LSR #24)."""
+def _packed_chunk(u_words: np.ndarray, x_words: np.ndarray, top: int) -> int:
+    """What lq_packed_dot computes for one chunk: the products of the words summed mod 2^32
+    (MUL, MLA), then the bits from ``top`` up (ADD ..., LSR #top)."""
     acc = 0
     for u, x in zip(u_words.tolist(), x_words.tolist(), strict=True):
         acc = (acc + u * x) % 2**32
-    return acc >> 24
+    return acc >> top
 
 
-@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 2), (2, 3), (3, 3), (4, 2), (4, 4), (8, 8)])
-def test_pack4_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bits):
-    """pack4_plan's chunk length n: with the layout pack4_weight_layout stores and the im2col
-    bytes as words, n packed products summed mod 2^32 hold the exact dot product in bits
-    24..31, at the worst case (largest codes) and on random codes; one more product than the
-    bound allows is wrong at the worst case. Pairs where not even one product is provably
-    exact (4-bit weights and activations, 8-bit) get no plan."""
-    from lsqint.export.c_code import PACK4_LOW, pack4_plan, pack4_weight_layout
+@pytest.mark.parametrize("w_bits,a_bits", [(2, 2), (3, 2), (2, 3), (3, 3), (4, 4), (5, 4), (8, 8)])
+@pytest.mark.parametrize("v,f", [(4, 8), (3, 11)])
+def test_packed_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bits, v, f):
+    """The packed kernel's arithmetic (v codes of f bits per word, pack_weight_layout's weight
+    words, activation words packed the same way): n products summed mod 2^32 hold the exact
+    dot product in bits f(v-1)..31 for the longest n the bound allows, at the worst case
+    (largest codes) and on random codes; one more product is wrong at the worst case (the
+    bound is needed). pack_plan gives no plan where no packing is exact for one product (5-bit
+    weights with 4-bit activations, 8-bit) and never a chunk beyond its packing's bound."""
+    from lsqint.export.c_code import pack_chunk_max, pack_plan, pack_weight_layout
 
     w_lo, w_hi, x_hi = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1, 2**a_bits - 1
-    p = x_hi * (w_hi - w_lo)
-    n_max = min(255 // (4 * p), (2**24 - 1) // (PACK4_LOW * p))
-    corners = np.array([w_lo, w_hi] * 2, np.int8).reshape(1, 4, 1, 1)
-    plan = pack4_plan(np.repeat(corners, 2, axis=0), 0, x_hi)
-    if n_max < 1:
+    top = f * (v - 1)
+    n_max = pack_chunk_max(v, f, x_hi * (w_hi - w_lo))
+    corners = np.resize(np.array([w_lo, w_hi], np.int8), (64, 16, 3, 3))  # 64 channels
+    plan = pack_plan(corners, 0, x_hi)
+    if w_bits + a_bits >= 8:
         assert plan is None
+    elif w_bits + a_bits <= 5:  # 2-bit codes: four per word, cheaper than SMLAD
+        assert plan is not None and plan[0] == 4
+    if plan is not None and plan[0] == v:
+        assert 1 <= plan[1] <= n_max and plan[3] == w_lo
+    if n_max < 1:
         return
-    assert plan is not None and 1 <= plan[0] <= n_max and plan[2] == w_lo
     rng = np.random.default_rng(w_bits * 10 + a_bits)
     for n, expect_exact in [(n_max, True), (n_max + 1, False)]:
-        worst = np.full((2, 4 * n, 1, 1), w_hi, np.int8)
+        worst = np.full((2, v * n, 1, 1), w_hi, np.int8)
         for weight, x in [
-            (worst, np.full(4 * n, x_hi, np.uint8)),
+            (worst, np.full(v * n, x_hi, np.int64)),
             (
-                rng.integers(w_lo, w_hi + 1, (2, 4 * n, 1, 1)).astype(np.int8),
-                rng.integers(0, x_hi + 1, 4 * n).astype(np.uint8),
+                rng.integers(w_lo, w_hi + 1, (2, v * n, 1, 1)).astype(np.int8),
+                rng.integers(0, x_hi + 1, v * n),
             ),
         ]:
-            flat = pack4_weight_layout(weight, 1, w_lo, 4 * n)
-            words = flat.view("<u4").reshape(n, 2)  # per group: channel a's word, b's
-            x_words = x.view("<u4")
+            words = pack_weight_layout(weight, 1, w_lo, v, v * n).reshape(n, 2)
+            x_words = (x.reshape(n, v) << (f * np.arange(v))).sum(axis=1)
             for channel in range(2):
                 exact = int(((weight[channel].ravel().astype(int) - w_lo) * x).sum())
-                got = _pack4_chunk(words[:, channel], x_words)
+                got = _packed_chunk(words[:, channel], x_words, top)
                 if expect_exact:
                     assert got == exact, (n, channel)
                 elif weight is worst:
@@ -409,11 +414,12 @@ def test_pack4_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bits
 @pytest.mark.mcu
 @needs_arm
 def test_cortex_m4_packed_kernels_are_taken_and_exact(tmp_path):
-    """Low-bit layers take the packed kernel (CExport.dsp_kernels) and stay == the reference on
-    the Cortex-M4: W2A2 and W3A2 per-channel and per-tensor, ResNet-8 at W2A2."""
+    """Low-bit layers take a packed kernel (CExport.dsp_kernels) and stay == the reference on
+    the Cortex-M4: W2A2, W3A2 and W3A3, per channel and per tensor, ResNet-8 at W2A2."""
     cases = [
         ("digits_cnn", QuantConfig(2, 2), 1),
         ("digits_cnn", QuantConfig(3, 2, per_channel=False), 2),
+        ("digits_cnn", QuantConfig(3, 3, per_channel=False), 5),
         ("mlperf_resnet8", QuantConfig(2, 2), 3),
     ]
     for index, (name, config, seed) in enumerate(cases):
@@ -421,4 +427,4 @@ def test_cortex_m4_packed_kernels_are_taken_and_exact(tmp_path):
         firmware = build_firmware(program, images.numpy(), tmp_path / f"p{index}", opt="-O2")
         assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images.numpy()))
         kernels = generate_c(program)[2].dsp_kernels
-        assert any(k.startswith("dsp-pack4") for k in kernels.values()), kernels
+        assert any(k.startswith("dsp-pack") for k in kernels.values()), kernels

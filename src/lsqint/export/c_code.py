@@ -68,8 +68,8 @@ static inline int32_t lq_requant32(int32_t acc, int32_t m, int t, int32_t lo, in
     y = (h + (1 << (t - 33))) >> (t - 32);
     return y < lo ? lo : (y > hi ? hi : y);
 }
-/* The packed kernels' inner loops (lq_pack4_dot_N_R, written per chunk length N). */
-typedef void (*lq_pack4_fn)(const uint8_t *u, const uint32_t *cols, int32_t *s, int32_t n);
+/* The packed kernels' inner loops (lq_packed_dot_V_N_R, written per packing and chunk). */
+typedef void (*lq_packed_fn)(const uint32_t *u, const uint32_t *cols, int32_t *s, int32_t n);
 /* A fused layer's requantize of accumulator acc (lo, hi: a code range, inside int32). */
 #define LQ_REQUANT(acc, m, t, lo, hi) lq_requant32(acc, m, t, (int32_t)(lo), (int32_t)(hi))
 #else
@@ -275,53 +275,63 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
 #undef LQ_V
 #endif
 """,
-    "conv2d_p4": r"""
+    "conv2d_pk": r"""
 #if LQ_DSP
 {LQ_V}
-/* conv2d/linear at low bit widths for the Arm DSP extension: four MACs per MUL/MLA (see
- * lq_pack4_dot, whose assembly lsqint writes per chunk length). The receptive fields of two
- * output pixels are copied as bytes (im2col), their words interleaved (pixel 0's word k/4,
- * pixel 1's) and summed (USADA8: sx); the weights are u = w - woff >= 0, so
- * acc = bias + sum(u * x) + woff * sx: the exact accumulator (each term inside int32, checked
- * at export; their total is the layer's, within its acc_bound). */
-static void lq_conv_p4_{XN}{OUT_NAME}(
-    const {X} *x, int C, int H, int W, const uint8_t *u, int Kp, int32_t woff, lq_pack4_fn dot,
-    int32_t iterations, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW, int KH,
-    int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups, uint32_t *cols)
+/* conv2d/linear at low bit widths for the Arm DSP extension: v MACs per MUL/MLA (see
+ * lq_packed_dot, whose assembly lsqint writes per packing and chunk length). The receptive
+ * fields of two output pixels are copied as bytes (im2col), then packed v codes per word
+ * (v = 4: the bytes as they are; v = 3: 11-bit fields), the two pixels' words interleaved,
+ * and summed (sx); the weights are u = w - woff >= 0, so acc = bias + sum(u * x) + woff * sx,
+ * the exact accumulator (each term inside int32, checked at export; their total is the
+ * layer's, within its acc_bound). */
+static void lq_conv_pk_{XN}{OUT_NAME}(
+    const {X} *x, int C, int H, int W, const uint32_t *u, int Kp, int v, int32_t woff,
+    lq_packed_fn dot, int32_t passes, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW,
+    int KH, int KW, int SH, int SW, int PH, int PW, int DH, int DW, int groups, uint32_t *cols)
 {
-    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, i;
+    int cg = C / groups, og = O / groups, P = OH * OW, g, p, o, i, words = Kp / v;
     int og2 = og + (og & 1); /* weight rows per group: padded to pairs */
     uint8_t *b0 = (uint8_t *)cols, *b1 = b0 + Kp;
-    uint32_t *mixed = cols + Kp / 2; /* 2 Kp bytes: the two columns' words interleaved */
+    uint32_t *mixed = cols + (2 * Kp + 3) / 4; /* the two columns' packed words interleaved */
     int32_t s[4];
     for (g = 0; g < groups; g++) {
         const {X} *xg = x + (int32_t)g * cg * H * W;
         for (p = 0; p < P; p += 2) {
             int two = p + 1 < P;
-            const uint32_t *v0 = cols, *v1 = two ? cols + Kp / 4 : cols;
-            uint32_t sx0 = 0, sx1 = 0;
+            const uint8_t *q0 = b0, *q1 = two ? b1 : b0;
+            int32_t sx0 = 0, sx1 = 0;
             lq_im2col_{XN}_u8(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, p / OW, p % OW, Kp,
                               b0);
             if (two)
                 lq_im2col_{XN}_u8(xg, H, W, cg, KH, KW, SH, SW, PH, PW, DH, DW, (p + 1) / OW,
                                   (p + 1) % OW, Kp, b1);
-            for (i = 0; i < Kp / 4; i++) {
-                mixed[2 * i] = v0[i], mixed[2 * i + 1] = v1[i];
-                sx0 = __usada8(v0[i], 0, sx0), sx1 = __usada8(v1[i], 0, sx1);
+            if (v == 4) { /* Kp is a multiple of 4: b0, b1 word-aligned; USADA8 sums 4 bytes */
+                const uint32_t *v0 = (const uint32_t *)q0, *v1 = (const uint32_t *)q1;
+                uint32_t s0 = 0, s1 = 0;
+                for (i = 0; i < words; i++) {
+                    mixed[2 * i] = v0[i], mixed[2 * i + 1] = v1[i];
+                    s0 = __usada8(v0[i], 0, s0), s1 = __usada8(v1[i], 0, s1);
+                }
+                sx0 = (int32_t)s0, sx1 = (int32_t)s1;
+            } else {
+                for (i = 0; i < words; i++, q0 += 3, q1 += 3) {
+                    mixed[2 * i] = q0[0] | (uint32_t)q0[1] << 11 | (uint32_t)q0[2] << 22;
+                    mixed[2 * i + 1] = q1[0] | (uint32_t)q1[1] << 11 | (uint32_t)q1[2] << 22;
+                    sx0 += q0[0] + q0[1] + q0[2], sx1 += q1[0] + q1[1] + q1[2];
+                }
             }
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
-                dot(u + ((int32_t)g * og2 + o) * Kp, mixed, s, iterations);
-                y[(int32_t)oa * P + p] = LQ_V(bias[oa] + (s[0] + woff * (int32_t)sx0), oa);
-                if (two)
-                    y[(int32_t)oa * P + p + 1] =
-                        LQ_V(bias[oa] + (s[1] + woff * (int32_t)sx1), oa);
+                dot(u + ((int32_t)g * og2 + o) * words, mixed, s, passes);
+                y[(int32_t)oa * P + p] = LQ_V(bias[oa] + (s[0] + woff * sx0), oa);
+                if (two) y[(int32_t)oa * P + p + 1] = LQ_V(bias[oa] + (s[1] + woff * sx1), oa);
                 if (pair) {
                     y[(int32_t)(oa + 1) * P + p] =
-                        LQ_V(bias[oa + 1] + (s[2] + woff * (int32_t)sx0), oa + 1);
+                        LQ_V(bias[oa + 1] + (s[2] + woff * sx0), oa + 1);
                     if (two)
                         y[(int32_t)(oa + 1) * P + p + 1] =
-                            LQ_V(bias[oa + 1] + (s[3] + woff * (int32_t)sx1), oa + 1);
+                            LQ_V(bias[oa + 1] + (s[3] + woff * sx1), oa + 1);
                 }
             }
         }
@@ -763,96 +773,116 @@ def dsp_weight_layout(weight: np.ndarray, groups: int = 1) -> tuple[np.ndarray, 
     return words.transpose(0, 1, 3, 2, 4).reshape(-1), kp
 
 
-# Packed low-bit MACs (lq_pack4_dot): x holds four activation codes, one per byte
-# (x = x0 + x1 2^8 + x2 2^16 + x3 2^24: the im2col bytes as they are), u four weight codes made
-# non-negative (u_i = w_i - woff), bytes reversed (u3 + u2 2^8 + u1 2^16 + u0 2^24). In the
-# product x * u the coefficient of 2^24 is C3 = x0 u0 + x1 u1 + x2 u2 + x3 u3, the dot product;
-# below it lie C0 = x0 u3, C1 = x0 u2 + x1 u3 and C2 (three products); everything above 2^32
-# is dropped by a 32-bit MUL/MLA. After n such products are accumulated mod 2^32, bits 24..31
-# hold exactly the n dot products' sum if (1) the lower part L = C0 + C1 2^8 + C2 2^16 < 2^24
-# (no carry into bit 24) and (2) C3 < 2^8 (no wrap). With p = max x * max u:
-# L <= n p (1 + 2 * 2^8 + 3 * 2^16) = n p * PACK4_LOW and C3 <= 4 n p, so every chunk of
-# n <= min(255 // (4 p), (2^24 - 1) // (PACK4_LOW p)) products is exact; it is then added to
-# an int32 total (ADD ..., LSR #24) and the next chunk starts from a MUL.
-PACK4_LOW = 1 + 2 * 2**8 + 3 * 2**16
+# Packed low-bit MACs (lq_packed_dot): one 32-bit word holds v activation codes in fields of
+# f bits (x = x0 + x1 2^f + ... + x_{v-1} 2^(f(v-1))) and another v weight codes made
+# non-negative (u_i = w_i - woff) in reverse order (u_{v-1} + ... + u0 2^(f(v-1))). In the
+# product x * u the coefficient of 2^(f(v-1)) is the dot product x0 u0 + ... + x_{v-1} u_{v-1};
+# below it lie C_c (c + 1 products each, c < v - 1); the next coefficient sits at 2^(fv) >= 2^32
+# (f v >= 32), so a 32-bit MUL/MLA drops it and everything above. After n such products are
+# summed mod 2^32, bits f(v-1)..31 hold exactly the n dot products' sum if (1) the lower part
+# L = sum_c C_c 2^(fc) < 2^(f(v-1)) (no carry into the top field) and (2) the top field's sum
+# < 2^(32 - f(v-1)) (no wrap). With p = max x * max u: L <= n p sum_c (c + 1) 2^(fc) =
+# n p pack_low(v, f) and the top sum <= v n p; pack_plan takes the longest chunk n within both.
+# A chunk's sum is added to an int32 total (ADD ..., LSR #f(v-1)) and the next chunk starts
+# from a MUL. Two packings: v = 4 codes of 8 bits (the im2col bytes as they are; 2-bit codes,
+# 3-bit weights with 2-bit activations) and v = 3 codes of 11 bits (a 10-bit top field: 3- and
+# 4-bit codes).
+PACKINGS = ((4, 8), (3, 11))  # (codes per word v, field bits f), f v >= 32
 
 
-def pack4_plan(weight: np.ndarray, x_lo: int, x_hi: int) -> tuple[int, int, int] | None:
-    """(n, r, woff) of the packed kernel for a layer whose input codes lie in [x_lo, x_hi]: n
-    products per exact chunk, r chunks per loop pass, weight offset; None where a chunk of one
-    is not provably exact (e.g. 4-bit weights and activations: 4 * 15 * 15 > 255), the input
-    codes may be negative, or a total could leave int32."""
+def pack_low(v: int, f: int) -> int:
+    """sum_c (c + 1) 2^(fc) over the fields below the top one: L <= n p pack_low(v, f)."""
+    return sum((c + 1) << (f * c) for c in range(v - 1))
+
+
+# Instructions per packed word per pair of output pixels outside lq_packed_dot (byte im2col's
+# extra over the int16 one, packing, interleaving, summing; ResNet-8 at -O2, measured), and
+# per four codes of lq_dot2x2 (the SMLAD kernel): pack_plan's cost model.
+PACK_PASS_COST = {4: 20, 3: 38}
+SMLAD_COST = 16
+
+
+def pack_chunk_max(v: int, f: int, p: int) -> int:
+    """The most products per exact chunk of packing (v, f) when no code product exceeds p."""
+    top = f * (v - 1)
+    return min(((1 << (32 - top)) - 1) // (v * p), ((1 << top) - 1) // (pack_low(v, f) * p))
+
+
+def pack_plan(
+    weight: np.ndarray, x_lo: int, x_hi: int, groups: int = 1
+) -> tuple[int, int, int, int] | None:
+    """(v, n, r, woff) of the packed kernel for a layer whose input codes lie in [x_lo, x_hi]:
+    v codes per word (PACKINGS), n products per exact chunk (pack_chunk_max), r chunks per loop
+    pass, weight offset: the choice of fewest instructions by the cost model above, or None
+    where the SMLAD kernel costs less, no chunk of one product is provably exact (8-bit
+    codes, 4-bit weights and activations with 3 codes per word, ...), the input codes may be
+    negative, or a total could leave int32."""
     if x_lo < 0:
         return None
     woff = int(weight.min())
     p = max(1, x_hi * (int(weight.max()) - woff))
-    n_max = min(255 // (4 * p), (2**24 - 1) // (PACK4_LOW * p))
     k = int(np.prod(weight.shape[1:]))
-    if n_max < 1 or k * p >= 2**31 or abs(woff) * k * x_hi >= 2**31:
+    if k * p >= 2**31 or abs(woff) * k * x_hi >= 2**31:
         return None
-    groups = -(-k // 4)
-    best = None
-    for n in range(1, n_max + 1):
-        for r in range(1, 5):
-            padded = -(-groups // (n * r)) * n * r
-            # instructions per pair of channels and pixels: 6 per group, 4 per chunk, 4 per pass
-            cost = 6 * padded + 4 * padded // n + 4 * padded // (n * r)
-            if best is None or cost < best[0]:
-                best = (cost, n, r)
-    return best[1], best[2], woff
+    og = weight.shape[0] // groups
+    pairs = (og + og % 2) // 2
+    best = (SMLAD_COST * -(-k // 4), None)
+    for v, f in PACKINGS:
+        words = -(-k // v)
+        for n in range(1, min(pack_chunk_max(v, f, p), words) + 1):
+            for r in range(1, 5):
+                padded = -(-words // (n * r)) * n * r
+                # per pair of channels and pixels: 6 per word, 4 per chunk, 4 per pass
+                cost = 6 * padded + 4 * padded // n + 4 * padded // (n * r)
+                cost += PACK_PASS_COST[v] * padded / pairs
+                if cost < best[0]:
+                    best = (cost, (v, n, r, woff))
+    return best[1]
 
 
-def pack4_weight_layout(weight: np.ndarray, groups: int, woff: int, kp: int) -> np.ndarray:
-    """The packed kernel's weights: u = w - woff (uint8), rows padded with u = 0 to kp, channels
-    in pairs per conv group (a zero channel completes an odd count), per four codes the word of
-    channel a then of channel b, each word's bytes reversed (u3 u2 u1 u0)."""
+def pack_weight_layout(weight: np.ndarray, groups: int, woff: int, v: int, kp: int) -> np.ndarray:
+    """The packed kernel's weights as uint32 words: u = w - woff, rows padded with u = 0 to kp
+    (a multiple of v), channels in pairs per conv group (a zero channel completes an odd
+    count), per v codes the word of channel a then of channel b, each word u_{v-1} + ... +
+    u0 2^(f(v-1))."""
+    f = dict(PACKINGS)[v]
     out = weight.shape[0]
     k = int(np.prod(weight.shape[1:]))
     og = out // groups
     og2 = og + og % 2
-    u = np.zeros((groups, og2, kp), np.uint8)
-    u[:, :og, :k] = (weight.reshape(groups, og, k).astype(np.int64) - woff).astype(np.uint8)
-    words = u.reshape(groups, og2 // 2, 2, kp // 4, 4)[..., ::-1]
-    return words.transpose(0, 1, 3, 2, 4).reshape(-1)
+    u = np.zeros((groups, og2, kp), np.uint32)
+    u[:, :og, :k] = weight.reshape(groups, og, k).astype(np.int64) - woff
+    fields = u.reshape(groups, og2 // 2, 2, kp // v, v)
+    words = sum(fields[..., v - 1 - i] << np.uint32(f * i) for i in range(v))
+    return words.transpose(0, 1, 3, 2).reshape(-1).astype(np.uint32)
 
 
-def pack4_dot_asm(n: int, r: int) -> str:
-    """C text of ``lq_pack4_dot_{n}_{r}(u, cols, s, passes)``: s = {a.x0, a.x1, b.x0, b.x1}, the
-    dot products of two channels' packed weights with two pixels' interleaved columns, in
-    passes of r chunks of n products (MUL/MLA: 4 MACs each; see PACK4_LOW for exactness).
+def packed_dot_asm(v: int, n: int, r: int) -> str:
+    """C text of ``lq_packed_dot_{v}_{n}_{r}(u, cols, s, passes)``: s = {a.x0, a.x1, b.x0,
+    b.x1}, the dot products of two channels' packed weights with two pixels' interleaved packed
+    columns, in passes of r chunks of n products (MUL/MLA: v MACs each; exact by pack_plan).
     Registers: r2/r3 the weight words, r12/lr the column words, r4-r7 the chunk sums, r8-r11
     the totals; s and the pass count live on the stack."""
+    top = dict(PACKINGS)[v] * (v - 1)
     lines = ["push {r2-r11, lr}", "mov r8, #0", "mov r9, #0", "mov r10, #0", "mov r11, #0", "1:"]
+    products = (("r4", "r2", "r12"), ("r5", "r2", "lr"), ("r6", "r3", "r12"), ("r7", "r3", "lr"))
     for _ in range(r):
         for i in range(n):
             lines += ["ldrd r2, r3, [r0], #8", "ldrd r12, lr, [r1], #8"]
-            for acc, (wr, xr) in zip(
-                ("r4", "r5", "r6", "r7"),
-                (("r2", "r12"), ("r2", "lr"), ("r3", "r12"), ("r3", "lr")),
-                strict=True,
-            ):
+            for acc, wr, xr in products:
                 lines.append(
                     f"mul {acc}, {wr}, {xr}" if i == 0 else f"mla {acc}, {wr}, {xr}, {acc}"
                 )
-        lines += [
-            f"add {t}, {t}, {a}, lsr #24"
-            for t, a in zip(("r8", "r9", "r10", "r11"), ("r4", "r5", "r6", "r7"), strict=True)
-        ]
-    lines += [
-        "ldr r2, [sp, #4]",
-        "subs r2, r2, #1",
-        "str r2, [sp, #4]",
-        "bne 1b",
-        "ldr r2, [sp]",
-        "stm r2, {r8-r11}",
-        "pop {r2-r11, pc}",
-    ]
+        for total, acc in (("r8", "r4"), ("r9", "r5"), ("r10", "r6"), ("r11", "r7")):
+            lines.append(f"add {total}, {total}, {acc}, lsr #{top}")
+    lines += ["ldr r2, [sp, #4]", "subs r2, r2, #1", "str r2, [sp, #4]", "bne 1b"]
+    lines += ["ldr r2, [sp]", "stm r2, {r8-r11}", "pop {r2-r11, pc}"]
     body = "\n".join(f'        "{line}\\n"' for line in lines)
     return f"""
 #if LQ_DSP
-__attribute__((naked, noinline)) static void lq_pack4_dot_{n}_{r}(const uint8_t *u,
-                                                                  const uint32_t *cols,
-                                                                  int32_t *s, int32_t passes)
+__attribute__((naked, noinline)) static void lq_packed_dot_{v}_{n}_{r}(const uint32_t *u,
+                                                                       const uint32_t *cols,
+                                                                       int32_t *s, int32_t passes)
 {{
     __asm__ volatile(
         ".syntax unified\\n"
@@ -870,16 +900,16 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     packed = np.concatenate([pack_bits(weight.ravel().astype(np.int8), bits), [0]])
     x = e.tensors[node.inputs[0]]
     groups = int(a.get("groups", 1))
-    plan = pack4_plan(weight, x.qmin, x.qmax) if x.dtype == "uint8" else None
+    plan = pack_plan(weight, x.qmin, x.qmax, groups) if x.dtype == "uint8" else None
     if plan is None:
         dsp_weight, kp = dsp_weight_layout(weight, groups)
         dsp_type = "int8_t"
     else:
-        n, r, woff = plan
-        chunk = 4 * n * r
+        v, n, r, woff = plan
+        chunk = v * n * r
         kp = -(-int(np.prod(weight.shape[1:])) // chunk) * chunk
-        dsp_weight, dsp_type = pack4_weight_layout(weight, groups, woff, kp), "uint8_t"
-        e.kernel(f"pack4_dot_{n}_{r}", text=pack4_dot_asm(n, r))
+        dsp_weight, dsp_type = pack_weight_layout(weight, groups, woff, v, kp), "uint32_t"
+        e.kernel(f"packed_dot_{v}_{n}_{r}", text=packed_dot_asm(v, n, r))
         e.kernel("im2col", X=x.dtype, C="uint8")
     # Flash holds one layout: the DSP kernel's bytes, else the packed b-bit stream.
     e.consts.append(
@@ -892,10 +922,12 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
     e.consts.append(_array("int32_t", f"{tag}_bias", p["bias"]))
     e.weight_bytes += packed.size + 4 * p["bias"].size
     e.int8_bytes += weight.size + 4 * p["bias"].size
-    e.dsp_weight_bytes += dsp_weight.size + 4 * p["bias"].size
+    e.dsp_weight_bytes += dsp_weight.nbytes + 4 * p["bias"].size
     row = int(np.prod(weight.shape[1:]))
     e.scratch = max(e.scratch, row)
-    e.dsp_scratch = max(e.dsp_scratch, kp)  # int32 words: two int16 columns of kp
+    # int32 words: two int16 columns of kp; packed: two byte columns and their packed words
+    packed_words = 0 if plan is None else (2 * kp + 3) // 4 + 2 * (kp // plan[0])
+    e.dsp_scratch = max(e.dsp_scratch, kp, packed_words)
     xn, x_ref = _type_name(x.dtype), e.ref(node.inputs[0])
     requantize = e.fused.get(node.output)
     if requantize is None:  # the layer writes its int32 accumulator
@@ -915,7 +947,7 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         e.kernel("dot2x2")
         e.kernel("conv2d_dsp", form, **types)
     else:
-        e.kernel("conv2d_p4", form, **types)
+        e.kernel("conv2d_pk", form, **types)
     if node.op == "conv2d":
         e.kernel("conv2d", form, **types)
         cin, h, w = x.shape
@@ -948,13 +980,13 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f"{y_ref}{out_args}, {geometry}, (int16_t *)lq_cols);"
         )
     else:
-        n, r, woff = plan
+        v, n, r, woff = plan
         dsp = (
-            f"lq_conv_p4_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {woff}, "
-            f"lq_pack4_dot_{n}_{r}, {kp // (4 * n * r)}, {tag}_bias, {y_ref}{out_args}, "
+            f"lq_conv_pk_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {v}, {woff}, "
+            f"lq_packed_dot_{v}_{n}_{r}, {kp // (v * n * r)}, {tag}_bias, {y_ref}{out_args}, "
             f"{geometry}, (uint32_t *)lq_cols);"
         )
-    e.kernel_choice[node.name] = "dsp-smlad" if plan is None else f"dsp-pack4 n={plan[0]}"
+    e.kernel_choice[node.name] = "dsp-smlad" if plan is None else f"dsp-pack{plan[0]} n={plan[1]}"
     e.calls.append(f"#if LQ_DSP\n    {dsp}\n#else\n    {portable}\n#endif")
 
 
