@@ -281,6 +281,53 @@ def test_dsp_requantize_in_32_bit_steps_equals_the_rule(tmp_path):
     assert got == expected
 
 
+@pytest.mark.mcu
+@needs_arm
+def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
+    """The DSP path's residual add (lq_add32, chosen when |m_a|, |m_b| < 2^31 and the quotient
+    fits int32) == clamp((a m_a + b m_b + 2^(shift-1)) >> shift, lo, hi) with Python integers,
+    on the Cortex-M4: shifts 1..62 with the largest multipliers the bound allows, extreme and
+    random int8/uint8 codes."""
+    from lsqint.export.c_code import _KERNELS
+
+    rng = np.random.default_rng(9)
+    cases = []
+    for shift in range(1, 63):
+        for _ in range(6):
+            a, b = int(rng.integers(-128, 128)), int(rng.integers(0, 256))
+            if len(cases) % 3 == 0:
+                a, b = int(rng.choice([-128, 127])), int(rng.choice([0, 255]))
+            # the largest |m| (< 2^31) that keeps 128 |m_a| + 255 |m_b| + 2^(shift-1) < 2^(31+shift)
+            limit = min(2**31 - 1, (2 ** (31 + shift) - 2 ** (shift - 1)) // 384)
+            ma, mb = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(1, limit + 1, 2))
+            lo, hi = [(0, 255), (-128, 127), (0, 3)][len(cases) % 3]
+            cases.append((a, b, ma, mb, shift, lo, hi))
+    table = ",\n".join("{" + ", ".join(_c_int32(v) for v in case) + "}" for case in cases)
+    kernel = _KERNELS["add32"]
+    for key, ctype in (("A", "int8_t"), ("B", "uint8_t"), ("Y", "int32_t")):
+        kernel = kernel.replace("{" + key + "N}", key.lower()).replace("{" + key + "}", ctype)
+    main_c = tmp_path / "main.c"
+    main_c.write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n#define LQ_DSP 1\n"
+        + kernel
+        + "static const struct { int32_t a, b, ma, mb, shift, lo, hi; } cases[] = {\n"
+        + table
+        + "};\nvoid SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
+        "    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {\n"
+        "        int8_t a = (int8_t)cases[i].a; uint8_t b = (uint8_t)cases[i].b; int32_t y;\n"
+        "        lq_add32_a_b_y(&a, &b, 1, cases[i].ma, cases[i].mb, cases[i].shift,"
+        " cases[i].lo, cases[i].hi, &y);\n"
+        '        printf("%ld\\n", (long)y);\n    }\n    return 0;\n}\n'
+    )
+    firmware = link_firmware([main_c], tmp_path / "add.elf", opt="-O2")
+    got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
+    expected = [
+        min(max((a * ma + b * mb + (1 << (t - 1))) >> t, lo), hi)
+        for a, b, ma, mb, t, lo, hi in cases
+    ]
+    assert got == expected
+
+
 def _read_dsp_layout(flat, out, groups, kp):
     """The weights back as lq_dot2x2 reads them: per pair of channels of a conv group, per four
     codes, LDRD of (word a, word b); SXTB16 of a word is (bytes 0, 2) = codes (k, k+1),

@@ -152,15 +152,19 @@ static void lq_im2col_{XN}_{CN}(const {X} *x, int H, int W, int cg, int KH, int 
             }
         }
     } else {
+        /* A window across the border: zeros, then each row's taps inside the input,
+         * kx0 <= kx < kx1. */
+        int kx0 = 0, kx1 = KW;
+        while (kx0 < KW && ix0 + kx0 * DW < 0) kx0++;
+        while (kx1 > kx0 && ix0 + (kx1 - 1) * DW >= W) kx1--;
+        for (k = 0; k < Kp; k++) col[k] = 0;
         for (c = 0; c < cg; c++) {
             const {X} *xc = x + (int32_t)c * H * W;
             for (ky = 0; ky < KH; ky++) {
                 int iy = iy0 + ky * DH;
-                for (kx = 0; kx < KW; kx++, k++) {
-                    int ix = ix0 + kx * DW;
-                    int inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
-                    col[k] = inside ? ({C})xc[iy * W + ix] : 0;
-                }
+                {C} *row = col + (c * KH + ky) * KW;
+                if (iy < 0 || iy >= H) continue;
+                for (kx = kx0; kx < kx1; kx++) row[kx] = ({C})xc[iy * W + ix0 + kx * DW];
             }
         }
     }
@@ -417,6 +421,25 @@ static void lq_add_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int64_t
     for (i = 0; i < n; i++)
         y[i] = ({Y})lq_round_clamp((int64_t)a[i] * ma + (int64_t)b[i] * mb, shift, lo, hi);
 }
+""",
+    "add32": r"""
+#if LQ_DSP
+/* lq_add when |m_a|, |m_b| < 2^31 and every |a m_a + b m_b + 2^(shift-1)| < 2^(31 + shift)
+ * (checked at export): the sum is two SMULL/SMLAL and the floor quotient fits int32, so it is
+ * one arithmetic shift of the int64 and a conversion that changes no value (shifts of
+ * negative values are arithmetic in GCC and Clang, the compilers of this path). */
+static void lq_add32_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int32_t ma,
+                                    int32_t mb, int shift, int32_t lo, int32_t hi, {Y} *y)
+{
+    int32_t i;
+    int64_t half = (int64_t)1 << (shift - 1);
+    for (i = 0; i < n; i++) {
+        int64_t p = (int64_t)a[i] * ma + (int64_t)b[i] * mb + half;
+        int32_t v = (int32_t)(p >> shift);
+        y[i] = ({Y})(v < lo ? lo : (v > hi ? hi : v));
+    }
+}
+#endif
 """,
     "concat": r"""
 static void lq_concat_{XN}_{YN}(const {X} *x, int32_t n, int64_t m, int shift, int64_t lo,
@@ -1023,13 +1046,27 @@ def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
 def _c_add(e: _Emitter, node: Node, tag: str) -> None:
     a, out = node.attrs, e.tensors.get(node.output)
     xa, xb = (e.tensors[n] for n in node.inputs)
+    names = f"{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}"
+    refs = f"{e.ref(node.inputs[0])}, {e.ref(node.inputs[1])}, {int(np.prod(out.shape))}"
     e.kernel("add", A=xa.dtype, B=xb.dtype, Y=out.dtype)
-    e.calls.append(
-        f"lq_add_{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}("
-        f"{e.ref(node.inputs[0])}, {e.ref(node.inputs[1])}, {int(np.prod(out.shape))}, "
-        f"{_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, {a['shift']}, "
-        f"{_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, {e.ref(node.output)});"
+    call = (
+        f"lq_add_{names}({refs}, {_int64_literal(a['m_a'])}, {_int64_literal(a['m_b'])}, "
+        f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
+        f"{e.ref(node.output)});"
     )
+    worst = (
+        max(abs(xa.qmin), abs(xa.qmax)) * abs(a["m_a"])
+        + max(abs(xb.qmin), abs(xb.qmax)) * abs(a["m_b"])
+        + (1 << (a["shift"] - 1))
+    )
+    if max(abs(a["m_a"]), abs(a["m_b"])) < 2**31 and worst < 2 ** (31 + a["shift"]):
+        e.kernel("add32", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+        fast = (
+            f"lq_add32_{names}({refs}, {a['m_a']}, {a['m_b']}, {a['shift']}, {a['lo']}, "
+            f"{a['hi']}, {e.ref(node.output)});"
+        )
+        call = f"#if LQ_DSP\n    {fast}\n#else\n    {call}\n#endif"
+    e.calls.append(call)
 
 
 def _c_concat(e: _Emitter, node: Node, tag: str) -> None:
