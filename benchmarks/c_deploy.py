@@ -15,7 +15,8 @@ Then the instruction counts on the emulated Cortex-M4 (qemu mps2-an386, -icount 
 board's 25 MHz counter read around each inference: one tick is 40 instructions): instructions
 per inference and per MAC at -O2 and -Os, with the Arm DSP extension's kernels (the Cortex-M4
 default) and with the portable kernels (-DLQ_PORTABLE), for every program above and for
-random-weight MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W2A2, beside MLPerf
+random-weight MLPerf Tiny ResNet-8 and resnet20 programs at W8A8 / W4A4 / W3A3 / W2A2 and the
+trained ResNet-8 programs of docs/results/cifar10_mlperf_resnet8 (where present), beside MLPerf
 Tiny's published Cortex-M4 (STM32L4R5, 120 MHz) ResNet-8 latencies in cycles per MAC.
 Instructions are a lower bound on cycles, not cycles. `--mcu-only` skips the digits training
 and the host speed.
@@ -33,12 +34,14 @@ from lsqint.app.bench import format_rows, script_result, write_json
 from lsqint.app.evaluation import images_and_labels
 from lsqint.app.workflow import digits_args, train_float, train_qat
 from lsqint.data import load_data
+from lsqint.export.c_code import generate_c
 from lsqint.export.c_host import CompiledC
 from lsqint.export.mcu import build_firmware, model_object_sizes, program_macs, run_qemu
 from lsqint.intprog.artifact import load
 from lsqint.runtime import compile_program, run
 
 RESULTS = Path("docs/results/cifar10_resnet20_lowbit")
+RESNET8 = Path("docs/results/cifar10_mlperf_resnet8")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
 p.add_argument("--cifar-root", default="../shared/data/cifar10")
@@ -90,7 +93,7 @@ def random_programs():
 
     for model in ("mlperf_resnet8", "resnet20"):
         images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)  # calibration batch
-        for bits in (8, 4, 2):
+        for bits in (8, 4, 3, 2):
             yield f"{model} W{bits}A{bits} (random)", program_for(model, bits, images, 32), images
 
 
@@ -101,6 +104,9 @@ def instruction_rows(label, program, images, tmp: Path) -> dict:
     expected = run(program, images)
     macs = program_macs(program)
     row = {"program": label, "macs": macs}
+    # the DSP build's kernel per conv/linear, counted: {"dsp-smlad": 2, "dsp-pack4 n=6": 7}
+    kernels = generate_c(program)[2].dsp_kernels
+    row["dsp_kernels"] = {k: list(kernels.values()).count(k) for k in sorted(set(kernels.values()))}
     for kernels in ("dsp", "portable"):
         for opt in ("-O2", "-Os"):
             out = tmp / f"count{kernels}{opt}"
@@ -155,6 +161,13 @@ with tempfile.TemporaryDirectory() as tmp:
             program = load(RESULTS / f"{name}.intprog.safetensors")
             label = f"cifar10 resnet20 {name.upper()} (trained)"
             mcu_rows.append(instruction_rows(label, program, cifar.numpy(), Path(tmp) / name))
+    if RESNET8.is_dir():  # the trained MLPerf Tiny ResNet-8 programs
+        cifar = images_and_labels(load_data("cifar10", args.cifar_root).val, args.count_images)[0]
+        for path in sorted(RESNET8.glob("*.intprog.safetensors")):
+            label = f"cifar10 mlperf_resnet8 {path.name.split('.')[0].upper()} (trained)"
+            out = Path(tmp) / path.name.split(".")[0]
+            mcu_rows.append(instruction_rows(label, load(path), cifar.numpy(), out))
+            print(format_rows(mcu_rows[-1:]))
     for label, program, images in random_programs():
         mcu_rows.append(instruction_rows(label, program, images.numpy(), Path(tmp) / label[:9]))
         print(format_rows(mcu_rows[-1:]))

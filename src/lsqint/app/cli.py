@@ -397,11 +397,13 @@ def _dispatch(ns: argparse.Namespace) -> int:
             from ..export.c_code import export_c
 
             info = export_c(program, ns.out, ns.name)
+            kinds = sorted(set(info.dsp_kernels.values()))
             print(
                 f"wrote {info.header} and {info.source}: weights {info.weight_bytes} bytes "
-                f"packed ({info.dsp_weight_bytes} as int8 for the Arm DSP kernels), RAM "
+                f"packed ({info.dsp_weight_bytes} in the Arm DSP kernels' layout), RAM "
                 f"{info.arena_bytes} bytes arena + {info.scratch_bytes} bytes scratch "
-                f"({info.dsp_scratch_bytes} with the DSP kernels)"
+                f"({info.dsp_scratch_bytes} with the DSP kernels); DSP kernels: "
+                f"{', '.join(kinds) or 'none'}"
             )
             return 0
         if not ns.onnx:
