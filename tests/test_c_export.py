@@ -462,16 +462,42 @@ def test_packed_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bit
 @needs_arm
 def test_cortex_m4_packed_kernels_are_taken_and_exact(tmp_path):
     """Low-bit layers take a packed kernel (CExport.dsp_kernels) and stay == the reference on
-    the Cortex-M4: W2A2, W3A2 and W3A3, per channel and per tensor, ResNet-8 at W2A2."""
+    the Cortex-M4: W2A2, W3A2 and W3A3, per channel and per tensor, ResNet-8 at W2A2, grouped
+    convs with an odd channel count per group."""
     cases = [
         ("digits_cnn", QuantConfig(2, 2), 1),
         ("digits_cnn", QuantConfig(3, 2, per_channel=False), 2),
         ("digits_cnn", QuantConfig(3, 3, per_channel=False), 5),
         ("mlperf_resnet8", QuantConfig(2, 2), 3),
     ]
-    for index, (name, config, seed) in enumerate(cases):
-        _, program, images = random_qat_program(name, config, seed=seed, batch=3)
+    programs = [random_qat_program(*case[:2], seed=case[2], batch=3)[1:] for case in cases]
+    torch.manual_seed(6)
+    images = torch.randint(0, 256, (3, 3, 15, 13), dtype=torch.uint8)
+    programs.append((quantize(GroupedWide().eval(), QuantConfig(2, 2), images)[1], images))
+    for index, (program, images) in enumerate(programs):
         firmware = build_firmware(program, images.numpy(), tmp_path / f"p{index}", opt="-O2")
         assert np.array_equal(run_qemu(firmware, timeout=300), run(program, images.numpy()))
         kernels = generate_c(program)[2].dsp_kernels
         assert any(k.startswith("dsp-pack") for k in kernels.values()), kernels
+    grouped = generate_c(programs[-1][0])[2].dsp_kernels
+    assert grouped["conv2"].startswith("dsp-pack") and grouped["conv3"].startswith("dsp-pack")
+
+
+class GroupedWide(nn.Module):
+    """Grouped convs with many channels per group (the packed kernels' channel pairs within a
+    group, an odd count in one), stride 2, odd image sides."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 66, 3, padding=1, groups=2)  # 33 channels per group
+        self.conv3 = nn.Conv2d(66, 64, 3, stride=2, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(self.normalize(x)))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
