@@ -134,7 +134,18 @@ static void lq_im2col_{XN}_{CN}(const {X} *x, int H, int W, int cg, int KH, int 
     if (DW == 1 && iy0 >= 0 && ix0 >= 0 && iy0 + (KH - 1) * DH < H && ix0 + KW <= W) {
         const {X} *xc = x + (int32_t)iy0 * W + ix0;
         int32_t HW = (int32_t)H * W, R = (int32_t)DH * W;
-        if (KH == 3 && KW == 3) { /* unrolled: 2 instructions per code (load, store) */
+        if (KH == 3 && KW == 3 && sizeof({C}) == 1 && sizeof({X}) == 1) {
+            /* bytes: one unaligned word load and store per row of 3 codes (Cortex-M3 and up
+             * allow unaligned LDR/STR). The fourth byte read is the next code of the input
+             * array (the arena has a spare word at its end); the fourth byte written is
+             * overwritten by the next row, or lands at k = K (zeroed below) or just past the
+             * column, in scratch written later. */
+            for (c = 0; c < cg; c++, xc += HW, k += 9) {
+                uint32_t r0, r1, r2;
+                memcpy(&r0, xc, 4), memcpy(&r1, xc + R, 4), memcpy(&r2, xc + 2 * R, 4);
+                memcpy(col + k, &r0, 4), memcpy(col + k + 3, &r1, 4), memcpy(col + k + 6, &r2, 4);
+            }
+        } else if (KH == 3 && KW == 3) { /* unrolled: 2 instructions per code (load, store) */
             for (c = 0; c < cg; c++, xc += HW, k += 9) {
                 col[k] = ({C})xc[0], col[k + 1] = ({C})xc[1];
                 col[k + 2] = ({C})xc[2], col[k + 3] = ({C})xc[R];
