@@ -142,10 +142,15 @@ needs_arm = pytest.mark.skipif(
 )
 
 
-# The committed resnet20 programs (130-330 KiB each; mobilenet_v2's, ~2 MB of weights as C array
-# text, would add minutes of gcc to the default run).
+# The committed resnet20 and ResNet-8 programs (50-330 KiB each; mobilenet_v2's, ~2 MB of
+# weights as C array text, would add minutes of gcc to the default run).
 PROGRAMS = sorted(
-    Path(__file__).parents[1].glob("docs/results/cifar10_resnet20_*/*.intprog.safetensors")
+    [
+        *Path(__file__).parents[1].glob("docs/results/cifar10_resnet20_*/*.intprog.safetensors"),
+        *Path(__file__)
+        .parents[1]
+        .glob("docs/results/cifar10_mlperf_resnet8/*.intprog.safetensors"),
+    ]
 )
 
 
@@ -172,10 +177,11 @@ def test_cortex_m4_digits_program_on_real_images_equals_reference(tmp_path, bits
 
 @pytest.mark.mcu
 @needs_arm
-def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path):
-    """The W2A2 CIFAR-10 resnet20 program of docs/results on the emulated Cortex-M4 (CIFAR-10
-    images where ../shared has them, else random pixels)."""
-    program = load(Path(__file__).parents[1] / RESULTS / "w2a2.intprog.safetensors")
+@pytest.mark.parametrize("folder", [RESULTS, Path("docs/results/cifar10_mlperf_resnet8")])
+def test_cortex_m4_committed_cifar10_program_equals_reference(tmp_path, folder):
+    """The W2A2 CIFAR-10 resnet20 and ResNet-8 programs of docs/results on the emulated
+    Cortex-M4 (CIFAR-10 images where ../shared has them, else random pixels)."""
+    program = load(Path(__file__).parents[1] / folder / "w2a2.intprog.safetensors")
     try:
         images = images_and_labels(load_data("cifar10", "../shared/data/cifar10").val, 2)[0]
         images = images.numpy()
