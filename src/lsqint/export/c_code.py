@@ -627,8 +627,8 @@ class CExport:
     scratch_bytes: int  # one unpacked weight row (int16) + a fused conv's int32 output plane
     weight_bytes: int  # packed weights + biases + multipliers (const data, flash)
     int8_weight_bytes: int  # the same weights stored one byte each (TFLite Micro's int8 layout)
-    # Flash of the weights and the scratch (two int16 columns) when the Arm DSP kernels are
-    # built (__ARM_FEATURE_DSP): int8, rows padded to a multiple of 4.
+    # Flash of the weights and the scratch (two pixels' columns) when the Arm DSP kernels are
+    # built (__ARM_FEATURE_DSP): int8 (SMLAD layers) or packed words, rows padded.
     dsp_weight_bytes: int = 0
     dsp_scratch_bytes: int = 0
     # The DSP build's kernel of each conv2d/linear: "dsp-smlad" (two MACs per SMLAD) or
@@ -1264,7 +1264,7 @@ def generate_c(program: IntProgram, name: str = "model") -> tuple[str, str, CExp
 #define {upper}_INPUT_WIDTH {in_w}
 #define {upper}_NUM_CLASSES {classes}
 /* Static RAM: activation arena + scratch (one unpacked weight row and a fused conv's int32
- * output plane; with the DSP kernels, two int16 columns). */
+ * output plane; with the DSP kernels, two pixels' columns: int16, or bytes and packed words). */
 #define {upper}_ARENA_BYTES {arena}
 #if LQ_DSP
 #define {upper}_SCRATCH_BYTES {4 * e.dsp_scratch}
@@ -1292,7 +1292,7 @@ int {name}_run(const uint8_t *pixels, int32_t *logits);
         f"static uint32_t lq_arena_words[({arena} + 3) / 4 + 1];\n"
         + _ARENA_NOTE
         + "static uint8_t *volatile lq_arena_base = (uint8_t *)lq_arena_words;\n"
-        f"#if LQ_DSP\nstatic int32_t lq_cols[{e.dsp_scratch}]; /* two int16 columns */\n#else\n"
+        f"#if LQ_DSP\nstatic int32_t lq_cols[{e.dsp_scratch}]; /* im2col columns */\n#else\n"
         f"static int16_t lq_row[{scratch}];\n"
         + (
             f"static int32_t lq_plane[{e.plane}]; /* a fused conv's output plane */\n"
