@@ -36,7 +36,14 @@ from lsqint.app.workflow import digits_args, train_float, train_qat
 from lsqint.data import load_data
 from lsqint.export.c_code import generate_c
 from lsqint.export.c_host import CompiledC
-from lsqint.export.mcu import build_firmware, model_object_sizes, program_macs, run_qemu
+from lsqint.export.mcu import (
+    build_firmware,
+    model_object_sizes,
+    node_instructions,
+    node_macs,
+    program_macs,
+    run_qemu,
+)
 from lsqint.intprog.artifact import load
 from lsqint.runtime import compile_program, run
 
@@ -97,6 +104,11 @@ def random_programs():
             yield f"{model} W{bits}A{bits} (random)", program_for(model, bits, images, 32), images
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """The rows without their per-layer lists (for printing)."""
+    return [{k: v for k, v in row.items() if k != "dsp_layers-O2"} for row in rows]
+
+
 def instruction_rows(label, program, images, tmp: Path) -> dict:
     """Instructions per inference and per MAC of the DSP kernels (the Cortex-M4 default) and of
     the portable kernels (-DLQ_PORTABLE), at -O2 and -Os; model flash (-Os) of each layout."""
@@ -105,8 +117,10 @@ def instruction_rows(label, program, images, tmp: Path) -> dict:
     macs = program_macs(program)
     row = {"program": label, "macs": macs}
     # the DSP build's kernel per conv/linear, counted: {"dsp-smlad": 2, "dsp-pack4 n=6": 7}
-    kernels = generate_c(program)[2].dsp_kernels
-    row["dsp_kernels"] = {k: list(kernels.values()).count(k) for k in sorted(set(kernels.values()))}
+    dsp_kernels = generate_c(program)[2].dsp_kernels
+    row["dsp_kernels"] = {
+        k: list(dsp_kernels.values()).count(k) for k in sorted(set(dsp_kernels.values()))
+    }
     for kernels in ("dsp", "portable"):
         for opt in ("-O2", "-Os"):
             out = tmp / f"count{kernels}{opt}"
@@ -116,6 +130,22 @@ def instruction_rows(label, program, images, tmp: Path) -> dict:
             per_image = int(np.median(instructions))
             row[f"{kernels}_instr{opt}"] = per_image
             row[f"{kernels}_per_mac{opt}"] = round(per_image / macs, 2)
+        if kernels == "dsp":  # each layer's kernel and instructions (-O2, one image)
+            profiled = build_firmware(program, images[:1], tmp / "profile", opt="-O2", profile=True)
+            per_node = node_instructions(profiled)
+            row["dsp_layers-O2"] = [
+                {
+                    "node": node.name,
+                    "op": node.op,
+                    "kernel": dsp_kernels.get(node.name, ""),
+                    "instructions": int(count),
+                    "per_mac": round(count / node_macs(program, node), 2)
+                    if node.op in ("conv2d", "linear")
+                    else None,
+                }
+                for node, count in zip(program.nodes, per_node, strict=True)
+                if count > 0
+            ]
         sizes = model_object_sizes(out / "model.c", portable=kernels == "portable")
         row[f"{kernels}_model_flash_Os"] = sizes["flash_bytes"]
         row[f"{kernels}_firmware_static_ram"] = firmware.data_bytes + firmware.bss_bytes
@@ -167,13 +197,13 @@ with tempfile.TemporaryDirectory() as tmp:
             label = f"cifar10 mlperf_resnet8 {path.name.split('.')[0].upper()} (trained)"
             out = Path(tmp) / path.name.split(".")[0]
             mcu_rows.append(instruction_rows(label, load(path), cifar.numpy(), out))
-            print(format_rows(mcu_rows[-1:]))
+            print(format_rows(summary(mcu_rows[-1:])))
     for label, program, images in random_programs():
         mcu_rows.append(instruction_rows(label, program, images.numpy(), Path(tmp) / label[:9]))
-        print(format_rows(mcu_rows[-1:]))
+        print(format_rows(summary(mcu_rows[-1:])))
 if rows:
     print(format_rows(rows))
-print(format_rows(mcu_rows))
+print(format_rows(summary(mcu_rows)))
 print("MLPerf Tiny ResNet-8 on the Cortex-M4 board, cycles per MAC:", ANCHOR_CYCLES_PER_MAC)
 result = script_result("c_deploy", args, rows)
 result.update(instructions=mcu_rows, mlperf_tiny_cycles_per_mac=ANCHOR_CYCLES_PER_MAC)

@@ -237,11 +237,14 @@ def run_qemu(firmware: Firmware, timeout: float = 600, count: bool = False):
     return logits, np.array(ticks, dtype=np.int64) * INSTRUCTIONS_PER_TICK
 
 
+def node_macs(program: IntProgram, node) -> int:
+    """Multiply-accumulates of one image through ``node`` (a conv2d or linear; else 0)."""
+    if node.op not in ("conv2d", "linear"):
+        return 0
+    per_output = int(np.prod(node.params["weight"].shape[1:]))
+    return per_output * int(np.prod(program.tensors[node.output].shape))
+
+
 def program_macs(program: IntProgram) -> int:
     """Multiply-accumulates of one image through every conv2d and linear of ``program``."""
-    total = 0
-    for node in program.nodes:
-        if node.op in ("conv2d", "linear"):
-            per_output = int(np.prod(node.params["weight"].shape[1:]))
-            total += per_output * int(np.prod(program.tensors[node.output].shape))
-    return total
+    return sum(node_macs(program, node) for node in program.nodes)
