@@ -135,9 +135,10 @@ static void lq_im2col_{XN}_{CN}(const {X} *x, int H, int W, int cg, int KH, int 
         const {X} *xc = x + (int32_t)iy0 * W + ix0;
         int32_t HW = (int32_t)H * W, R = (int32_t)DH * W;
         if (KH == 3 && KW == 3 && sizeof({C}) == 1 && sizeof({X}) == 1) {
-            /* bytes: one unaligned word load and store per row of 3 codes (Cortex-M3 and up
-             * allow unaligned LDR/STR). The fourth byte read is the next code of the input
-             * array (the arena has a spare word at its end); the fourth byte written is
+            /* bytes: one unaligned word load and store per row of 3 codes (ARMv7-M allows
+             * unaligned LDR/STR unless CCR.UNALIGN_TRP is set; with -mno-unaligned-access gcc
+             * copies bytes instead, still correct). The fourth byte read is the next code of
+             * the input array (the arena has a spare word at its end); the fourth byte written is
              * overwritten by the next row, or lands at k = K (zeroed below) or just past the
              * column, in scratch written later. */
             for (c = 0; c < cg; c++, xc += HW, k += 9) {
