@@ -29,7 +29,9 @@ import numpy as np
 
 from ..errors import ExportError
 from ..intprog.artifact import pack_bits
+from ..intprog.fixedpoint import half
 from ..intprog.ops import Unsupported
+from ..intprog.ops.base import absmax
 from ..intprog.program import IntProgram, Node
 from ..intprog.verify import verify
 
@@ -944,8 +946,6 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         chunk = v * n * r
         kp = -(-int(np.prod(weight.shape[1:])) // chunk) * chunk
         dsp_weight, dsp_type = pack_weight_layout(weight, groups, woff, v, kp), "uint32_t"
-        e.kernel(f"packed_dot_{v}_{n}_{r}", text=packed_dot_asm(v, n, r))
-        e.kernel("im2col", X=x.dtype, C="uint8")
     # Flash holds one layout: the DSP kernel's bytes, else the packed b-bit stream.
     e.consts.append(
         "#if LQ_DSP\n"
@@ -982,6 +982,8 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         e.kernel("dot2x2")
         e.kernel("conv2d_dsp", form, **types)
     else:
+        e.kernel(f"packed_dot_{v}_{n}_{r}", text=packed_dot_asm(v, n, r))
+        e.kernel("im2col", X=x.dtype, C="uint8")
         e.kernel("conv2d_pk", form, **types)
     if node.op == "conv2d":
         e.kernel("conv2d", form, **types)
@@ -1066,11 +1068,7 @@ def _c_add(e: _Emitter, node: Node, tag: str) -> None:
         f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
         f"{e.ref(node.output)});"
     )
-    worst = (
-        max(abs(xa.qmin), abs(xa.qmax)) * abs(a["m_a"])
-        + max(abs(xb.qmin), abs(xb.qmax)) * abs(a["m_b"])
-        + (1 << (a["shift"] - 1))
-    )
+    worst = absmax(xa) * abs(a["m_a"]) + absmax(xb) * abs(a["m_b"]) + half(a["shift"])
     if max(abs(a["m_a"]), abs(a["m_b"])) < 2**31 and worst < 2 ** (31 + a["shift"]):
         e.kernel("add32", A=xa.dtype, B=xb.dtype, Y=out.dtype)
         fast = (
