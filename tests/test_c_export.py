@@ -290,48 +290,153 @@ def test_dsp_requantize_in_32_bit_steps_equals_the_rule(tmp_path):
 @pytest.mark.mcu
 @needs_arm
 def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
-    """The DSP path's residual add (lq_add32, chosen when |m_a|, |m_b| < 2^31 and the quotient
-    fits int32) == clamp((a m_a + b m_b + 2^(shift-1)) >> shift, lo, hi) with Python integers,
-    on the Cortex-M4: shifts 1..62 with the largest multipliers the bound allows, extreme and
-    random int8/uint8 codes."""
-    from lsqint.export.c_code import _KERNELS
+    """The DSP path's residual add (lq_add_hi, with add_table's constants: codes times 2^k,
+    the high word of SMULL + SMLAL, one rounding shift, USAT/SSAT or constant clamps) ==
+    clamp((a m_a + b m_b + 2^(shift-1)) >> shift, lo, hi) with Python integers, on the
+    Cortex-M4: every shift add_table takes (10..62 for 8-bit codes) with the largest
+    multipliers it accepts, extreme and random int8/uint8 codes, saturation and clamp ranges.
+    add_table refuses what would overflow."""
+    from lsqint.export.c_code import _KERNELS, add_table, saturation
 
+    assert add_table({"m_a": 2**31, "m_b": 1, "shift": 40}, 128, 255) is None  # |m| >= 2^31
+    assert add_table({"m_a": 2**31 - 1, "m_b": 2**31 - 1, "shift": 1}, 128, 255) is None
     rng = np.random.default_rng(9)
-    cases = []
+    ranges = [(0, 255), (-128, 127), (0, 3), (-5, 90)]
+    cases = {r: [] for r in ranges}
     for shift in range(1, 63):
-        for _ in range(6):
+        for i in range(8):
             a, b = int(rng.integers(-128, 128)), int(rng.integers(0, 256))
-            if len(cases) % 3 == 0:
+            if i % 3 == 0:
                 a, b = int(rng.choice([-128, 127])), int(rng.choice([0, 255]))
-            # the largest |m| (< 2^31) that keeps 128 |m_a| + 255 |m_b| + 2^(shift-1) < 2^(31+shift)
-            limit = min(2**31 - 1, (2 ** (31 + shift) - 2 ** (shift - 1)) // 384)
-            ma, mb = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(1, limit + 1, 2))
-            lo, hi = [(0, 255), (-128, 127), (0, 3)][len(cases) % 3]
-            cases.append((a, b, ma, mb, shift, lo, hi))
-    table = ",\n".join("{" + ", ".join(_c_int32(v) for v in case) + "}" for case in cases)
-    kernel = _KERNELS["add32"]
-    for key, ctype in (("A", "int8_t"), ("B", "uint8_t"), ("Y", "int32_t")):
-        kernel = kernel.replace("{" + key + "N}", key.lower()).replace("{" + key + "}", ctype)
+            ma, mb = 2**31 - 1, 2**31 - 1  # halve until add_table takes them
+            while ma and add_table({"m_a": ma, "m_b": mb, "shift": shift}, 128, 255) is None:
+                ma, mb = ma // 2, mb // 2
+            if ma == 0:  # 255 * 2^(33 - shift) >= 2^31: this shift takes the int64 kernel
+                assert shift < 10
+                continue
+            ma, mb = (int(rng.integers(ma // 2, ma + 1)) * int(rng.choice([-1, 1])) for _ in "ab")
+            table = add_table({"m_a": ma, "m_b": mb, "shift": shift}, 128, 255)
+            assert table is not None
+            cases[ranges[(shift + i) % 4]].append((a, b, ma, mb, shift, table))
+    body, expected = "", []
+    for n, (lo, hi) in enumerate(ranges):
+        name, expr = saturation(lo, hi, "(h + rnd) >> sh")
+        kernel = _KERNELS["add_hi"].replace("{SATN}", name).replace("{SAT}", expr)
+        for key, ctype in (("A", "int8_t"), ("B", "uint8_t"), ("Y", "int32_t")):
+            kernel = kernel.replace("{" + key + "N}", key.lower()).replace("{" + key + "}", ctype)
+        body += kernel
+        rows = ",\n".join(
+            "{" + ", ".join(_c_int32(v) for v in (a, b, *table)) + "}"
+            for a, b, _, _, _, table in cases[(lo, hi)]
+        )
+        body += f"static const int32_t cases{n}[][7] = {{\n{rows}}};\n"
+        expected += [
+            min(max((a * ma + b * mb + (1 << (t - 1))) >> t, lo), hi)
+            for a, b, ma, mb, t, _ in cases[(lo, hi)]
+        ]
+    loops = "".join(
+        f"    for (i = 0; i < sizeof cases{n} / sizeof cases{n}[0]; i++) {{\n"
+        f"        const int32_t *c = cases{n}[i];\n"
+        "        int8_t a = (int8_t)c[0]; uint8_t b = (uint8_t)c[1]; int32_t y;\n"
+        f"        lq_add_hi_a_b_y_{saturation(lo, hi)[0]}(&a, &b, 1, c[2], c[3], c[4], c[5],"
+        " (int)c[6], &y);\n"
+        '        printf("%ld\\n", (long)y);\n    }\n'
+        for n, (lo, hi) in enumerate(ranges)
+    )
     main_c = tmp_path / "main.c"
     main_c.write_text(
-        "#include <stdint.h>\n#include <stdio.h>\n#define LQ_DSP 1\n"
-        + kernel
-        + "static const struct { int32_t a, b, ma, mb, shift, lo, hi; } cases[] = {\n"
-        + table
-        + "};\nvoid SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
-        "    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {\n"
-        "        int8_t a = (int8_t)cases[i].a; uint8_t b = (uint8_t)cases[i].b; int32_t y;\n"
-        "        lq_add32_a_b_y(&a, &b, 1, cases[i].ma, cases[i].mb, cases[i].shift,"
-        " cases[i].lo, cases[i].hi, &y);\n"
-        '        printf("%ld\\n", (long)y);\n    }\n    return 0;\n}\n'
+        "#include <stdint.h>\n#include <stdio.h>\n#include <arm_acle.h>\n#define LQ_DSP 1\n"
+        "static inline int32_t lq_clamp32(int32_t v, int32_t lo, int32_t hi)\n"
+        "{ return v < lo ? lo : (v > hi ? hi : v); }\n"
+        + body
+        + "void SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
+        + loops
+        + "    return 0;\n}\n"
     )
     firmware = link_firmware([main_c], tmp_path / "add.elf", opt="-O2")
     got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
-    expected = [
-        min(max((a * ma + b * mb + (1 << (t - 1))) >> t, lo), hi)
-        for a, b, ma, mb, t, lo, hi in cases
-    ]
     assert got == expected
+
+
+@pytest.mark.mcu
+@needs_arm
+def test_dsp_fused_requantize_table_equals_the_rule(tmp_path):
+    """The DSP kernels' fused requantize (requant_table's {m, rnd, sh} and kk = 2^k, LQ_RQ:
+    SMMLA then one arithmetic shift, then USAT/SSAT or a clamp) == clamp((acc m + 2^(t-1))
+    >> t, lo, hi) with Python integers on the Cortex-M4: every shift 1..62, accumulators at
+    +-acc_bound and random inside it, the largest bound requant_table accepts for the shift,
+    per-channel shifts mixing small and large; requant_table refuses a bound that 2^k would
+    carry out of int32, and shifts that would pass 62."""
+    from lsqint.export.c_code import _HELPERS, requant_table, saturation
+
+    assert requant_table(np.array([2**30]), np.array([20]), 1, 2**20) is None  # 2^33 acc
+    assert requant_table(np.array([2**30, 2**30]), np.array([20, 60]), 2, 100) is None
+    rng = np.random.default_rng(11)
+    ranges = [(0, 255), (-128, 127), (0, 3), (-2, 1), (-7, 200)]
+    rows, expected = {r: [] for r in ranges}, {r: [] for r in ranges}
+    for t_min in range(1, 63):
+        k = max(0, 33 - t_min)  # requant_table's: every t + k >= 33
+        if k > 30:  # kk = 2^k would not fit int32: the int64 rule (lq_requant32) takes these
+            assert requant_table(np.array([2**30]), np.array([t_min]), 1, 0) is None
+            continue
+        t = np.array([t_min, int(rng.integers(t_min, 63 - k))])
+        m = rng.integers(2**30, 2**31, 2)
+        bound = (2**31 - 1) >> k  # the largest it accepts
+        assert requant_table(m, t, 2, bound + 1) is None
+        q, kk = requant_table(m, t, 2, bound)
+        assert kk == 2**k
+        for acc in [-bound, bound, 0, -1, *(int(v) for v in rng.integers(-bound, bound + 1, 4))]:
+            for ch in (0, 1):
+                lo, hi = ranges[(t_min + ch + acc % 5) % len(ranges)]
+                rows[(lo, hi)].append((acc, *q[ch], kk))
+                mc, tc = int(m[ch]), int(t[ch])
+                expected[(lo, hi)].append(min(max((acc * mc + (1 << (tc - 1))) >> tc, lo), hi))
+    body, loops = "", ""
+    for lo, hi in ranges:
+        name, expr = saturation(lo, hi, "LQ_RQ(c[0], c + 1, c[4])")
+        table = ",\n".join(
+            "{" + ", ".join(_c_int32(int(v)) for v in r) + "}" for r in rows[(lo, hi)]
+        )
+        body += f"static const int32_t cases_{name}[][5] = {{\n{table}}};\n"
+        loops += (
+            f"    for (i = 0; i < sizeof cases_{name} / sizeof cases_{name}[0]; i++) {{\n"
+            f"        const int32_t *c = cases_{name}[i];\n"
+            f'        printf("%ld\\n", (long)({expr}));\n    }}\n'
+        )
+    main_c = tmp_path / "main.c"
+    main_c.write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n#include <arm_acle.h>\n"
+        "#define LQ_DSP 1\n"
+        + _HELPERS
+        + body
+        + "void SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
+        + loops
+        + "    return 0;\n}\n"
+    )
+    firmware = link_firmware([main_c], tmp_path / "rq.elf", opt="-O2")
+    got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
+    assert got == [v for r in ranges for v in expected[r]]
+
+
+def test_add_table_of_every_result_is_the_reference():
+    """add_lut: every pair of codes' result by the add's reference rule, indexed as the C
+    kernel reads it; none beyond ADD_LUT_MAX entries."""
+    from lsqint.export.c_code import ADD_LUT_MAX, add_lut
+    from lsqint.intprog.ops import OPS
+    from lsqint.intprog.program import Node, TensorSpec
+
+    attrs = {"m_a": 1503238554, "m_b": -1181116006, "shift": 31, "lo": -2, "hi": 1}
+    node = Node("add", "a1", ["xa", "xb"], "y", attrs=attrs)
+    xa = TensorSpec("xa", "int8", (4,), -8, 7)
+    xb = TensorSpec("xb", "uint8", (4,), 0, 15)
+    lut = add_lut(node, xa, xb)
+    for a in range(-8, 8):
+        for b in range(16):
+            want = OPS["add"].reference(node, [np.array([a]), np.array([b])])[0]
+            assert lut[(a - xa.qmin) * 16 + (b - xb.qmin)] == want
+    assert lut.min() == -2 and lut.max() == 1
+    wide = TensorSpec("xb", "uint8", (4,), 0, 255)
+    assert 16 * 256 > ADD_LUT_MAX and add_lut(node, xa, wide) is None
 
 
 def _read_dsp_layout(flat, out, groups, kp):

@@ -29,10 +29,9 @@ import numpy as np
 
 from ..errors import ExportError
 from ..intprog.artifact import pack_bits
-from ..intprog.fixedpoint import half
-from ..intprog.ops import Unsupported
+from ..intprog.ops import OPS, Unsupported
 from ..intprog.ops.base import absmax
-from ..intprog.program import IntProgram, Node
+from ..intprog.program import IntProgram, Node, TensorSpec
 from ..intprog.verify import verify
 
 C_TYPES = {"uint8": "uint8_t", "int8": "int8_t", "int16": "int16_t", "int32": "int32_t"}
@@ -70,6 +69,24 @@ static inline int32_t lq_requant32(int32_t acc, int32_t m, int t, int32_t lo, in
     y = (h + (1 << (t - 33))) >> (t - 32);
     return y < lo ? lo : (y > hi ? hi : y);
 }
+/* The fused layers' requantize when export found every channel's t + k in [33, 62] and
+ * |acc| 2^k < 2^31 (requant_table): floor((acc * m + 2^(t-1)) / 2^t) with acc' = acc 2^k and
+ * t' = t + k (the same quotient: numerator and denominator times 2^k), then SMMLA: the high
+ * word of rnd 2^32 + acc' m, that is rnd + floor(acc' m / 2^32) exactly (|acc' m| < 2^62;
+ * |rnd + h| <= 2^29 + 2^30), and rnd = 2^(t'-33) adds 2^(t'-1) before the floor division by
+ * 2^32, which commutes with adding a multiple of 2^32; the arithmetic shift by sh = t' - 32 in
+ * [1, 30] is the remaining floor division. Per channel, q holds {m, rnd, sh}; kk = 2^k. */
+static inline int32_t lq_smmla(int32_t a, int32_t b, int32_t acc)
+{
+    int32_t r;
+    __asm__("smmla %0, %1, %2, %3" : "=r"(r) : "r"(a), "r"(b), "r"(acc));
+    return r;
+}
+static inline int32_t lq_clamp32(int32_t v, int32_t lo, int32_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+#define LQ_RQ(acc, q, kk) (lq_smmla((acc) * (kk), (q)[0], (q)[1]) >> (q)[2])
 /* The packed kernels' inner loops (lq_packed_dot_V_N_R, written per packing and chunk). */
 typedef void (*lq_packed_fn)(const uint32_t *u, const uint32_t *cols, int32_t *s, int32_t n);
 /* A fused layer's requantize of accumulator acc (lo, hi: a code range, inside int32). */
@@ -105,14 +122,24 @@ _LAYER_FORMS = {
     "acc": {
         "{OUT_NAME}": "",
         "{OUT_PARAMS}": "int32_t *y",
+        "{OUT_T}": "int32_t",
         "{LQ_V}": "#define LQ_V(acc, ch) (acc)",
         "{PLANE}": "y + (int32_t)o * OH * OW",
         "{PLANE_PARAM}": "",
         "{EMIT}": "",
     },
+    # DSP kernels only: the requantize as LQ_RQ (requant_table) and {SAT}, the clamp as one
+    # USAT/SSAT where the code range is a saturation range, else lq_clamp32 of constants.
+    "rqs": {
+        "{OUT_NAME}": "_rqs_{YN}_{SATN}",
+        "{OUT_PARAMS}": "{Y} *y, const int32_t *q, int32_t kk",
+        "{OUT_T}": "{Y}",
+        "{LQ_V}": "#define LQ_V(acc, ch) (({Y}){SAT})",
+    },
     "rq": {
         "{OUT_NAME}": "_rq_{YN}",
         "{OUT_PARAMS}": "{Y} *y, const int32_t *m, const int8_t *t, int pc, int64_t lo, int64_t hi",
+        "{OUT_T}": "{Y}",
         "{LQ_V}": "#define LQ_V(acc, ch) \\\n"
         "    (({Y})LQ_REQUANT((acc), m[pc ? (ch) : 0], t[pc ? (ch) : 0], lo, hi))",
         "{PLANE}": "plane",
@@ -166,21 +193,33 @@ static void lq_im2col_{XN}_{CN}(const {X} *x, int H, int W, int cg, int KH, int 
             }
         }
     } else {
-        /* A window across the border: zeros, then each row's taps inside the input,
-         * kx0 <= kx < kx1. */
-        int kx0 = 0, kx1 = KW;
+        /* A window across the border: zeros, then the taps inside the input, rows
+         * ky0 <= ky < ky1 and columns kx0 <= kx < kx1 (the same for every channel); a row of
+         * two or three adjacent taps unrolled (3x3 windows: every border row). */
+        int kx0 = 0, kx1 = KW, ky0 = 0, ky1 = KH, n;
         while (kx0 < KW && ix0 + kx0 * DW < 0) kx0++;
         while (kx1 > kx0 && ix0 + (kx1 - 1) * DW >= W) kx1--;
+        while (ky0 < KH && iy0 + ky0 * DH < 0) ky0++;
+        while (ky1 > ky0 && iy0 + (ky1 - 1) * DH >= H) ky1--;
         for (k = 0; k < Kp; k++) col[k] = 0;
-        for (c = 0; c < cg; c++) {
-            const {X} *xc = x + (int32_t)c * H * W;
-            for (ky = 0; ky < KH; ky++) {
-                int iy = iy0 + ky * DH;
-                {C} *row = col + (c * KH + ky) * KW;
-                if (iy < 0 || iy >= H) continue;
-                for (kx = kx0; kx < kx1; kx++) row[kx] = ({C})xc[iy * W + ix0 + kx * DW];
+        n = kx1 - kx0;
+        if (n > 0 && ky1 > ky0) {
+            int32_t HW = (int32_t)H * W, R = (int32_t)DH * W;
+            const {X} *xc = x + (int32_t)(iy0 + ky0 * DH) * W + ix0 + kx0 * DW;
+            for (c = 0; c < cg; c++, xc += HW) {
+                const {X} *xr = xc;
+                {C} *row = col + (c * KH + ky0) * KW + kx0;
+                for (ky = ky0; ky < ky1; ky++, xr += R, row += KW) {
+                    if (DW == 1 && n == 3)
+                        row[0] = ({C})xr[0], row[1] = ({C})xr[1], row[2] = ({C})xr[2];
+                    else if (DW == 1 && n == 2)
+                        row[0] = ({C})xr[0], row[1] = ({C})xr[1];
+                    else
+                        for (kx = 0; kx < n; kx++) row[kx] = ({C})xr[kx * DW];
+                }
             }
         }
+        k = Kp;
     }
     for (; k < Kp; k++) col[k] = 0;
 }
@@ -277,14 +316,17 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
                                (p + 1) % OW, Kp, col1);
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
+                {OUT_T} *ya = y + (int32_t)oa * P + p, v0, v1;
                 s[0] = s[1] = bias[oa];
                 s[2] = s[3] = pair ? bias[oa + 1] : 0;
                 lq_dot2x2(w + ((int32_t)g * og2 + o) * Kp, col0, c1, s);
-                y[(int32_t)oa * P + p] = LQ_V(s[0], oa);
-                if (two) y[(int32_t)oa * P + p + 1] = LQ_V(s[1], oa);
+                /* both values before the stores (a {Y} store may alias the constants); the
+                 * second pixel's first, so that without one the first overwrites it */
+                v0 = LQ_V(s[0], oa), v1 = LQ_V(s[1], oa);
+                ya[two] = v1, ya[0] = v0;
                 if (pair) {
-                    y[(int32_t)(oa + 1) * P + p] = LQ_V(s[2], oa + 1);
-                    if (two) y[(int32_t)(oa + 1) * P + p + 1] = LQ_V(s[3], oa + 1);
+                    v0 = LQ_V(s[2], oa + 1), v1 = LQ_V(s[3], oa + 1);
+                    ya[P + two] = v1, ya[P] = v0;
                 }
             }
         }
@@ -327,7 +369,14 @@ static void lq_conv_pk_{XN}{OUT_NAME}(
             if (v == 4) { /* Kp is a multiple of 4: b0, b1 word-aligned; USADA8 sums 4 bytes */
                 const uint32_t *v0 = (const uint32_t *)q0, *v1 = (const uint32_t *)q1;
                 uint32_t s0 = 0, s1 = 0;
-                for (i = 0; i < words; i++) {
+                for (i = 0; i + 1 < words; i += 2) { /* two words a step: LDRD, STRD */
+                    uint32_t a0 = v0[i], a1 = v0[i + 1], c0 = v1[i], c1 = v1[i + 1];
+                    mixed[2 * i] = a0, mixed[2 * i + 1] = c0;
+                    mixed[2 * i + 2] = a1, mixed[2 * i + 3] = c1;
+                    s0 = __usada8(a0, 0, s0), s1 = __usada8(c0, 0, s1);
+                    s0 = __usada8(a1, 0, s0), s1 = __usada8(c1, 0, s1);
+                }
+                if (i < words) {
                     mixed[2 * i] = v0[i], mixed[2 * i + 1] = v1[i];
                     s0 = __usada8(v0[i], 0, s0), s1 = __usada8(v1[i], 0, s1);
                 }
@@ -339,17 +388,18 @@ static void lq_conv_pk_{XN}{OUT_NAME}(
                     sx0 += q0[0] + q0[1] + q0[2], sx1 += q1[0] + q1[1] + q1[2];
                 }
             }
+            sx0 *= woff, sx1 *= woff;
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
+                {OUT_T} *ya = y + (int32_t)oa * P + p, v0, v1;
                 dot(u + ((int32_t)g * og2 + o) * words, mixed, s, passes);
-                y[(int32_t)oa * P + p] = LQ_V(bias[oa] + (s[0] + woff * sx0), oa);
-                if (two) y[(int32_t)oa * P + p + 1] = LQ_V(bias[oa] + (s[1] + woff * sx1), oa);
+                /* as in lq_conv_dsp: values first, the second pixel's store first */
+                v0 = LQ_V(bias[oa] + (s[0] + sx0), oa), v1 = LQ_V(bias[oa] + (s[1] + sx1), oa);
+                ya[two] = v1, ya[0] = v0;
                 if (pair) {
-                    y[(int32_t)(oa + 1) * P + p] =
-                        LQ_V(bias[oa + 1] + (s[2] + woff * sx0), oa + 1);
-                    if (two)
-                        y[(int32_t)(oa + 1) * P + p + 1] =
-                            LQ_V(bias[oa + 1] + (s[3] + woff * sx1), oa + 1);
+                    v0 = LQ_V(bias[oa + 1] + (s[2] + sx0), oa + 1);
+                    v1 = LQ_V(bias[oa + 1] + (s[3] + sx1), oa + 1);
+                    ya[P + two] = v1, ya[P] = v0;
                 }
             }
         }
@@ -436,22 +486,37 @@ static void lq_add_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int64_t
         y[i] = ({Y})lq_round_clamp((int64_t)a[i] * ma + (int64_t)b[i] * mb, shift, lo, hi);
 }
 """,
-    "add32": r"""
+    "add_hi": r"""
 #if LQ_DSP
-/* lq_add when |m_a|, |m_b| < 2^31 and every |a m_a + b m_b + 2^(shift-1)| < 2^(31 + shift)
- * (checked at export): the sum is two SMULL/SMLAL and the floor quotient fits int32, so it is
- * one arithmetic shift of the int64 and a conversion that changes no value (shifts of
- * negative values are arithmetic in GCC and Clang, the compilers of this path). */
-static void lq_add32_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, int32_t ma,
-                                    int32_t mb, int shift, int32_t lo, int32_t hi, {Y} *y)
+/* lq_add when export found k >= 0 with t = shift + k in [33, 62], |m_a|, |m_b|, |a| 2^k,
+ * |b| 2^k < 2^31 and 2^k (|a| |m_a| + |b| |m_b|) / 2^32 + 1 + 2^(t-33) < 2^31 (add_table): with
+ * the codes times
+ * kk = 2^k the quotient of (a kk m_a + b kk m_b + 2^(t-1)) / 2^t is the add's (numerator
+ * and denominator times 2^k); the high word h of the int64 a kk m_a + b kk m_b (SMULL,
+ * SMLAL) plus rnd = 2^(t-33), shifted right by sh = t - 32, is that floor quotient (the
+ * addend 2^(t-1) = rnd 2^32 commutes with the floor division by 2^32, as in lq_smmla's
+ * comment); then one saturation or clamp. */
+static void lq_add_hi_{AN}_{BN}_{YN}_{SATN}(const {A} *a, const {B} *b, int32_t n, int32_t kk,
+                                         int32_t ma, int32_t mb, int32_t rnd, int sh, {Y} *y)
 {
     int32_t i;
-    int64_t half = (int64_t)1 << (shift - 1);
     for (i = 0; i < n; i++) {
-        int64_t p = (int64_t)a[i] * ma + (int64_t)b[i] * mb + half;
-        int32_t v = (int32_t)(p >> shift);
-        y[i] = ({Y})(v < lo ? lo : (v > hi ? hi : v));
+        int64_t p = (int64_t)(a[i] * kk) * ma + (int64_t)(b[i] * kk) * mb;
+        int32_t h = (int32_t)(p >> 32);
+        y[i] = ({Y}){SAT};
     }
+}
+#endif
+""",
+    "add_lut": r"""
+#if LQ_DSP
+/* lq_add of two narrow code tensors as a table of every result: y = table[(a - a_lo) * nb +
+ * (b - b_lo)], the table computed at export by the add's reference rule (add_lut). */
+static void lq_add_lut_{AN}_{BN}_{YN}(const {A} *a, const {B} *b, int32_t n, const {Y} *table,
+                                     int32_t a_lo, int32_t b_lo, int32_t nb, {Y} *y)
+{
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = table[(a[i] - a_lo) * nb + (b[i] - b_lo)];
 }
 #endif
 """,
@@ -763,16 +828,27 @@ class _Emitter:
             return "pixels"
         return f"(({C_TYPES[spec.dtype]} *)(lq_arena + {self.offsets[tensor]}))"
 
-    def kernel(self, op: str, form: str | None = None, text: str | None = None, **types: str):
+    def kernel(
+        self,
+        op: str,
+        form: str | None = None,
+        text: str | None = None,
+        sat: tuple[str, str] | None = None,
+        **types: str,
+    ):
         """Emit kernel ``op`` once per type combination (``form``: a layer kernel's form;
-        ``text``: a generated kernel instead of one of _KERNELS)."""
+        ``text``: a generated kernel instead of one of _KERNELS; ``sat``: the "rqs" form's
+        clamp, (name, C expression), from ``saturation``)."""
         text = _KERNELS[op] if text is None else text
         for placeholder, value in _LAYER_FORMS[form].items() if form else ():
             text = text.replace(placeholder, value)
+        if sat is not None:
+            text = text.replace("{SATN}", sat[0]).replace("{SAT}", sat[1])
         for key, dtype in types.items():
             text = text.replace("{" + key + "N}", _type_name(dtype))
             text = text.replace("{" + key + "}", C_TYPES[dtype])
         key = op + (f"_{form}" if form else "") + "".join(f"_{types[k]}" for k in sorted(types))
+        key += f"_{sat[0]}" if sat else ""
         self.kernels.setdefault(key, text)
 
 
@@ -977,14 +1053,27 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f", {tag}_m, {tag}_t, {per_channel}, {_int64_literal(a_rq['lo'])}, "
             f"{_int64_literal(a_rq['hi'])}"
         )
+    # The DSP build's fused requantize: LQ_RQ and one saturation where the constants allow.
+    dsp_form, dsp_name, dsp_out_args, sat = form, name, out_args, None
+    table = None
+    if requantize is not None:
+        channels = int(out.shape[0])
+        table = requant_table(m, requantize.params["shift"], channels, int(a["acc_bound"]))
+    if table is not None:
+        q, kk = table
+        sat = saturation(int(a_rq["lo"]), int(a_rq["hi"]))
+        dsp_form, dsp_name = "rqs", f"_rqs_{_type_name(codes.dtype)}_{sat[0]}"
+        dsp_out_args = f", {tag}_q, {kk}"
+        e.consts.append("#if LQ_DSP\n" + _array("int32_t", f"{tag}_q", q) + "#endif\n")
+        e.dsp_weight_bytes += q.nbytes - 5 * m.size
     if plan is None:
         e.kernel("im2col", X=x.dtype, C="int16")
         e.kernel("dot2x2")
-        e.kernel("conv2d_dsp", form, **types)
+        e.kernel("conv2d_dsp", dsp_form, sat=sat, **types)
     else:
         e.kernel(f"packed_dot_{v}_{n}_{r}", text=packed_dot_asm(v, n, r))
         e.kernel("im2col", X=x.dtype, C="uint8")
-        e.kernel("conv2d_pk", form, **types)
+        e.kernel("conv2d_pk", dsp_form, sat=sat, **types)
     if node.op == "conv2d":
         e.kernel("conv2d", form, **types)
         cin, h, w = x.shape
@@ -1013,18 +1102,47 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         )
     if plan is None:
         dsp = (
-            f"lq_conv_dsp_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, "
-            f"{y_ref}{out_args}, {geometry}, (int16_t *)lq_cols);"
+            f"lq_conv_dsp_{xn}{dsp_name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {tag}_bias, "
+            f"{y_ref}{dsp_out_args}, {geometry}, (int16_t *)lq_cols);"
         )
     else:
         v, n, r, woff = plan
         dsp = (
-            f"lq_conv_pk_{xn}{name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {v}, {woff}, "
-            f"lq_packed_dot_{v}_{n}_{r}, {kp // (v * n * r)}, {tag}_bias, {y_ref}{out_args}, "
+            f"lq_conv_pk_{xn}{dsp_name}({x_ref}, {cin}, {h}, {w}, {tag}_w8, {kp}, {v}, {woff}, "
+            f"lq_packed_dot_{v}_{n}_{r}, {kp // (v * n * r)}, {tag}_bias, {y_ref}{dsp_out_args}, "
             f"{geometry}, (uint32_t *)lq_cols);"
         )
     e.kernel_choice[node.name] = "dsp-smlad" if plan is None else f"dsp-pack{plan[0]} n={plan[1]}"
     e.calls.append(f"#if LQ_DSP\n    {dsp}\n#else\n    {portable}\n#endif")
+
+
+def requant_table(m: np.ndarray, t: np.ndarray, channels: int, acc_bound: int):
+    """The DSP kernels' requantize constants (``LQ_RQ``): per output channel (m, rnd, sh) as
+    int32 (channels x 3) and kk = 2^k, or None where the 32-bit rule does not apply. k is the
+    smallest that brings every shift to t + k >= 33 (a scale ratio of 1/4 or more has t <= 32);
+    it needs acc_bound 2^k < 2^31 (acc 2^k is an SMMLA operand) and t + k <= 62 (|rnd + h| <
+    2^31). Exactness: the comment above lq_smmla."""
+    m = np.broadcast_to(np.asarray(m, np.int64).ravel(), (channels,))
+    t = np.broadcast_to(np.asarray(t, np.int64).ravel(), (channels,))
+    k = max(0, 33 - int(t.min()))
+    if int(t.max()) + k > 62 or max(acc_bound, 1) << k >= 2**31:
+        return None  # (kk = 2^k is an int32 too)
+    q = np.stack([m, (1 << (t + k - 33)), t + k - 32], axis=1)
+    return q.astype(np.int32), 1 << k
+
+
+def saturation(lo: int, hi: int, value: str = "LQ_RQ(acc, q + 3 * (ch), kk)") -> tuple[str, str]:
+    """The DSP kernels' clamp of the int32 C expression ``value`` (the "rqs" kernels' LQ_RQ)
+    to [lo, hi]: (name, C expression). USAT b clamps to [0, 2^b - 1], SSAT b to
+    [-2^(b-1), 2^(b-1) - 1] (one instruction each); any other range compares with constants
+    (lq_clamp32)."""
+    for b in range(1, 32):
+        if (lo, hi) == (0, 2**b - 1):
+            return f"u{b}", f"__usat({value}, {b})"
+        if (lo, hi) == (-(2 ** (b - 1)), 2 ** (b - 1) - 1):
+            return f"s{b}", f"__ssat({value}, {b})"
+    tag = f"{lo}_{hi}".replace("-", "m")
+    return f"c{tag}", f"lq_clamp32({value}, {lo}, {hi})"
 
 
 def _requantize_consts(e: _Emitter, node: Node, tag: str) -> tuple[np.ndarray, int]:
@@ -1057,6 +1175,36 @@ def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
     )
 
 
+def add_table(a: dict, absmax_a: int, absmax_b: int) -> tuple[int, ...] | None:
+    """The DSP add's constants (``lq_add_hi``): (kk, m_a, m_b, rnd, sh), or None where its
+    32-bit rule does not apply (the conditions in lq_add_hi's comment, checked with Python
+    ints)."""
+    m_a, m_b, shift = int(a["m_a"]), int(a["m_b"]), int(a["shift"])
+    k = max(0, 33 - shift)
+    t = shift + k
+    if t > 62 or max(abs(m_a), abs(m_b)) >= 2**31 or max(absmax_a, absmax_b) << k >= 2**31:
+        return None  # (the codes times 2^k are int32 products too)
+    worst = (absmax_a * abs(m_a) + absmax_b * abs(m_b)) << k
+    if worst // 2**32 + 1 + (1 << (t - 33)) >= 2**31:
+        return None
+    return 1 << k, m_a, m_b, 1 << (t - 33), t - 32
+
+
+ADD_LUT_MAX = 1024  # table entries (bytes): every pair of codes up to 5 bits
+
+
+def add_lut(node: Node, xa: TensorSpec, xb: TensorSpec) -> np.ndarray | None:
+    """Every result of an add of two narrow code tensors, indexed (a - a_lo) * nb + (b - b_lo),
+    computed by the op's reference; None when there are more than ADD_LUT_MAX pairs."""
+    na, nb = xa.qmax - xa.qmin + 1, xb.qmax - xb.qmin + 1
+    if na * nb > ADD_LUT_MAX:
+        return None
+    a, b = np.meshgrid(
+        np.arange(xa.qmin, xa.qmax + 1), np.arange(xb.qmin, xb.qmax + 1), indexing="ij"
+    )
+    return OPS["add"].reference(node, [a, b]).ravel()
+
+
 def _c_add(e: _Emitter, node: Node, tag: str) -> None:
     a, out = node.attrs, e.tensors.get(node.output)
     xa, xb = (e.tensors[n] for n in node.inputs)
@@ -1068,14 +1216,23 @@ def _c_add(e: _Emitter, node: Node, tag: str) -> None:
         f"{a['shift']}, {_int64_literal(a['lo'])}, {_int64_literal(a['hi'])}, "
         f"{e.ref(node.output)});"
     )
-    worst = absmax(xa) * abs(a["m_a"]) + absmax(xb) * abs(a["m_b"]) + half(a["shift"])
-    if max(abs(a["m_a"]), abs(a["m_b"])) < 2**31 and worst < 2 ** (31 + a["shift"]):
-        e.kernel("add32", A=xa.dtype, B=xb.dtype, Y=out.dtype)
+    table = add_table(a, absmax(xa), absmax(xb))
+    lut = add_lut(node, xa, xb)
+    if lut is not None:
+        y_type = C_TYPES[out.dtype]
+        e.consts.append("#if LQ_DSP\n" + _array(y_type, f"{tag}_lut", lut) + "#endif\n")
+        e.dsp_weight_bytes += lut.size
+        e.kernel("add_lut", A=xa.dtype, B=xb.dtype, Y=out.dtype)
         fast = (
-            f"lq_add32_{names}({refs}, {a['m_a']}, {a['m_b']}, {a['shift']}, {a['lo']}, "
-            f"{a['hi']}, {e.ref(node.output)});"
+            f"lq_add_lut_{names}({refs}, {tag}_lut, {xa.qmin}, {xb.qmin}, "
+            f"{xb.qmax - xb.qmin + 1}, {e.ref(node.output)});"
         )
         call = f"#if LQ_DSP\n    {fast}\n#else\n    {call}\n#endif"
+    elif table is not None:
+        sat = saturation(int(a["lo"]), int(a["hi"]), "(h + rnd) >> sh")
+        e.kernel("add_hi", sat=sat, A=xa.dtype, B=xb.dtype, Y=out.dtype)
+        fast = f"lq_add_hi_{names}_{sat[0]}({refs}, {', '.join(map(str, table))}, "
+        call = f"#if LQ_DSP\n    {fast}{e.ref(node.output)});\n#else\n    {call}\n#endif"
     e.calls.append(call)
 
 
