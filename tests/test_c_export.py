@@ -439,6 +439,30 @@ def test_add_table_of_every_result_is_the_reference():
     assert 16 * 256 > ADD_LUT_MAX and add_lut(node, xa, wide) is None
 
 
+def test_affine_table_of_every_result_is_the_reference():
+    """affine_lut: per channel every 8-bit code's result by the affine's (and the input op's)
+    reference rule, indexed as lq_affine_lut reads it; none for wide tables or outputs."""
+    from lsqint.export.c_code import AFFINE_LUT_MAX, affine_lut
+    from lsqint.intprog.ops import OPS
+    from lsqint.intprog.program import Node, TensorSpec
+
+    rng = np.random.default_rng(3)
+    params = {"a": rng.integers(-(2**40), 2**40, 5), "b": rng.integers(-(2**45), 2**45, 5)}
+    node = Node("affine", "f", ["x"], "y", attrs={"shift": 41, "lo": -2, "hi": 1}, params=params)
+    x = TensorSpec("x", "int8", (5, 2, 2), -128, 127)
+    lut = affine_lut(node, x, TensorSpec("y", "int8", (5, 2, 2), -2, 1))
+    codes = np.arange(-128, 128)
+    for c in range(5):
+        image = np.zeros((1, 5, 256, 1), np.int64)
+        image[0, c, :, 0] = codes
+        want = OPS["affine"].reference(node, [image])[0, c, :, 0]
+        assert np.array_equal(lut[c * 256 : (c + 1) * 256], want)
+    assert len(set(lut.tolist())) > 1  # the table is not constant
+    wide = TensorSpec("x", "int8", (AFFINE_LUT_MAX // 256 + 1, 2, 2), -128, 127)
+    assert affine_lut(node, wide, TensorSpec("y", "int8", wide.shape, -2, 1)) is None
+    assert affine_lut(node, x, TensorSpec("y", "int32", x.shape, -(2**20), 2**20)) is None
+
+
 def _read_dsp_layout(flat, out, groups, kp):
     """The weights back as lq_dot2x2 reads them: per pair of channels of a conv group, per four
     codes, LDRD of (word a, word b); SXTB16 of a word is (bytes 0, 2) = codes (k, k+1),

@@ -605,6 +605,19 @@ static void lq_affine_{XN}_{YN}(const {X} *x, int C, int HW, const int64_t *a, c
                 ({Y})lq_round_clamp((int64_t)x[c * HW + i] * a[c] + b[c], shift, lo, hi);
 }
 """,
+    "affine_lut": r"""
+#if LQ_DSP
+/* lq_affine as a table of every result per channel: y = table[c n + (x - x_lo)], computed at
+ * export by the op's reference rule (affine_lut). */
+static void lq_affine_lut_{XN}_{YN}(const {X} *x, int C, int HW, const {Y} *table, int32_t x_lo,
+                                   int32_t n, {Y} *y)
+{
+    int c, i;
+    for (c = 0; c < C; c++, table += n, x += HW, y += HW)
+        for (i = 0; i < HW; i++) y[i] = table[x[i] - x_lo];
+}
+#endif
+""",
     "lut": r"""
 static void lq_lut_{XN}_{YN}(const {X} *x, int32_t n, const {Y} *table, int offset, {Y} *y)
 {
@@ -852,6 +865,22 @@ class _Emitter:
         self.kernels.setdefault(key, text)
 
 
+AFFINE_LUT_MAX = 4096  # table entries (bytes): 16 channels of 8-bit codes
+
+
+def affine_lut(node: Node, x: TensorSpec, out: TensorSpec) -> np.ndarray | None:
+    """Every result of an affine (or the input op) of 8-bit codes onto 8-bit codes, per
+    channel, indexed c n + (x - x_lo) (n codes in x's range), computed by the op's reference;
+    None when that is more than AFFINE_LUT_MAX entries."""
+    n = x.qmax - x.qmin + 1
+    if out.dtype not in ("uint8", "int8") or x.dtype not in ("uint8", "int8"):
+        return None
+    if x.shape[0] * n > AFFINE_LUT_MAX:
+        return None
+    grid = np.broadcast_to(np.arange(x.qmin, x.qmax + 1), (1, x.shape[0], n))[..., None]
+    return OPS[node.op].reference(node, [grid]).ravel()
+
+
 def _c_affine(e: _Emitter, node: Node, tag: str) -> None:
     a, p, out = node.attrs, node.params, e.tensors.get(node.output)
     x = e.tensors[node.inputs[0]]
@@ -862,11 +891,23 @@ def _c_affine(e: _Emitter, node: Node, tag: str) -> None:
         e.int8_bytes += 16 * len(p["a"])
     e.kernel("affine", X=x.dtype, Y=out.dtype)
     c, h, w = x.shape
-    e.calls.append(
-        f"lq_affine_{_type_name(x.dtype)}_{_type_name(out.dtype)}({e.ref(node.inputs[0])}, "
+    names = f"{_type_name(x.dtype)}_{_type_name(out.dtype)}"
+    call = (
+        f"lq_affine_{names}({e.ref(node.inputs[0])}, "
         f"{c}, {h * w}, {tag}_a, {tag}_b, {a['shift']}, {_int64_literal(a['lo'])}, "
         f"{_int64_literal(a['hi'])}, {e.ref(node.output)});"
     )
+    lut = affine_lut(node, x, out)
+    if lut is not None:  # the DSP build: one table load per code
+        e.consts.append("#if LQ_DSP\n" + _array(C_TYPES[out.dtype], f"{tag}_lut", lut) + "#endif\n")
+        e.dsp_weight_bytes += lut.size
+        e.kernel("affine_lut", X=x.dtype, Y=out.dtype)
+        fast = (
+            f"lq_affine_lut_{names}({e.ref(node.inputs[0])}, {c}, {h * w}, {tag}_lut, "
+            f"{x.qmin}, {x.qmax - x.qmin + 1}, {e.ref(node.output)});"
+        )
+        call = f"#if LQ_DSP\n    {fast}\n#else\n    {call}\n#endif"
+    e.calls.append(call)
 
 
 def dsp_weight_layout(weight: np.ndarray, groups: int = 1) -> tuple[np.ndarray, int]:
