@@ -296,7 +296,7 @@ def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
     Cortex-M4: every shift add_table takes (10..62 for 8-bit codes) with the largest
     multipliers it accepts, extreme and random int8/uint8 codes, saturation and clamp ranges.
     add_table refuses what would overflow."""
-    from lsqint.export.c_code import _KERNELS, add_table, saturation
+    from lsqint.export.c_dsp import DSP_KERNELS, add_table, saturation
 
     assert add_table({"m_a": 2**31, "m_b": 1, "shift": 40}, 128, 255) is None  # |m| >= 2^31
     assert add_table({"m_a": 2**31 - 1, "m_b": 2**31 - 1, "shift": 1}, 128, 255) is None
@@ -321,7 +321,7 @@ def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
     body, expected = "", []
     for n, (lo, hi) in enumerate(ranges):
         name, expr = saturation(lo, hi, "(h + rnd) >> sh")
-        kernel = _KERNELS["add_hi"].replace("{SATN}", name).replace("{SAT}", expr)
+        kernel = DSP_KERNELS["add_hi"].replace("{SATN}", name).replace("{SAT}", expr)
         for key, ctype in (("A", "int8_t"), ("B", "uint8_t"), ("Y", "int32_t")):
             kernel = kernel.replace("{" + key + "N}", key.lower()).replace("{" + key + "}", ctype)
         body += kernel
@@ -367,7 +367,8 @@ def test_dsp_fused_requantize_table_equals_the_rule(tmp_path):
     +-acc_bound and random inside it, the largest bound requant_table accepts for the shift,
     per-channel shifts mixing small and large; requant_table refuses a bound that 2^k would
     carry out of int32, and shifts that would pass 62."""
-    from lsqint.export.c_code import _HELPERS, requant_table, saturation
+    from lsqint.export.c_code import _HELPERS
+    from lsqint.export.c_dsp import requant_table, saturation
 
     assert requant_table(np.array([2**30]), np.array([20]), 1, 2**20) is None  # 2^33 acc
     assert requant_table(np.array([2**30, 2**30]), np.array([20, 60]), 2, 100) is None
@@ -421,7 +422,7 @@ def test_dsp_fused_requantize_table_equals_the_rule(tmp_path):
 def test_add_table_of_every_result_is_the_reference():
     """add_lut: every pair of codes' result by the add's reference rule, indexed as the C
     kernel reads it; none beyond ADD_LUT_MAX entries."""
-    from lsqint.export.c_code import ADD_LUT_MAX, add_lut
+    from lsqint.export.c_dsp import ADD_LUT_MAX, add_lut
     from lsqint.intprog.ops import OPS
     from lsqint.intprog.program import Node, TensorSpec
 
@@ -442,7 +443,7 @@ def test_add_table_of_every_result_is_the_reference():
 def test_affine_table_of_every_result_is_the_reference():
     """affine_lut: per channel every 8-bit code's result by the affine's (and the input op's)
     reference rule, indexed as lq_affine_lut reads it; none for wide tables or outputs."""
-    from lsqint.export.c_code import AFFINE_LUT_MAX, affine_lut
+    from lsqint.export.c_dsp import AFFINE_LUT_MAX, affine_lut
     from lsqint.intprog.ops import OPS
     from lsqint.intprog.program import Node, TensorSpec
 
@@ -485,7 +486,7 @@ def test_dsp_weight_layout_pairs_codes_as_the_kernel_reads_them(out, groups):
     """dsp_weight_layout stores what lq_dot2x2 reads (``_read_dsp_layout``): every channel's
     codes in order, rows padded with zeros to a multiple of 4, an odd channel count per conv
     group completed by a zero channel."""
-    from lsqint.export.c_code import dsp_weight_layout
+    from lsqint.export.c_dsp import dsp_weight_layout
 
     rng = np.random.default_rng(out * 10 + groups)
     weight = rng.integers(-128, 128, (out, 2, 3, 3)).astype(np.int8)  # K = 18 -> Kp = 20
@@ -557,7 +558,7 @@ def test_packed_chunks_are_exact_within_their_bound_and_only_there(w_bits, a_bit
     (largest codes) and on random codes; one more product is wrong at the worst case (the
     bound is needed). pack_plan gives no plan where no packing is exact for one product (5-bit
     weights with 4-bit activations, 8-bit) and never a chunk beyond its packing's bound."""
-    from lsqint.export.c_code import pack_chunk_max, pack_plan, pack_weight_layout
+    from lsqint.export.c_dsp import pack_chunk_max, pack_plan, pack_weight_layout
 
     w_lo, w_hi, x_hi = -(2 ** (w_bits - 1)), 2 ** (w_bits - 1) - 1, 2**a_bits - 1
     top = f * (v - 1)
