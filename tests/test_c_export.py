@@ -18,7 +18,14 @@ from lsqint import QuantConfig
 from lsqint.app.cli import main
 from lsqint.app.evaluation import images_and_labels
 from lsqint.data import load_data
-from lsqint.export.c_code import export_c, fused_requantizes, generate_c, plan_arena
+from lsqint.export.c_code import (
+    export_c,
+    fused_adds,
+    fused_requantizes,
+    generate_c,
+    plan_arena,
+)
+from lsqint.export.c_host import CompiledC
 from lsqint.export.mcu import (
     build_firmware,
     link_firmware,
@@ -53,23 +60,37 @@ def test_generated_code_has_no_float_no_malloc_and_only_integer_headers(bits):
     assert "int net_run(const uint8_t *pixels, int32_t *logits);" in header
 
 
-def test_arena_plan_never_overlaps_two_live_tensors():
+def test_arena_plan_never_overlaps_two_live_tensors(monkeypatch):
     """Lifetimes modelled here independently: a tensor lives from its writer to its last reader;
-    a conv/linear fused with its requantize stores no accumulator and writes the codes itself."""
+    a conv/linear fused with its requantize stores no accumulator and writes the codes itself;
+    fused with an add too, it stores no codes but writes the add's output, which shares the
+    bytes of the add's other input when in place (then that input lives until the output's
+    last reader)."""
     _, program, _ = random_qat_program("resnet20", QuantConfig(4, 4), seed=1)
     offsets, total = plan_arena(program)
     fused = fused_requantizes(program)
+    adds = fused_adds(program)
     writer_of_codes = {req.output: layer for layer, req in fused.items()}
+    for codes, f in adds.items():  # the add's output is written by the layer
+        writer_of_codes[f.add.output] = writer_of_codes[codes]
+    in_place = {f.add.output: f.other for f in adds.values() if f.in_place}
+
+    def storage(name):  # an in-place output lives in its other input's bytes
+        while name in in_place:
+            name = in_place[name]
+        return name
+
     index = {n.output: i for i, n in enumerate(program.nodes)}
     nodes = program.nodes
     live = {}
     for i, node in enumerate(nodes):
-        if node.op != "output" and node.output not in fused:
-            start = index[writer_of_codes[node.output]] if node.output in writer_of_codes else i
-            live.setdefault(node.output, [start, i])
+        if node.op != "output" and node.output not in fused and node.output not in adds:
+            if node.output not in in_place:
+                start = index[writer_of_codes[node.output]] if node.output in writer_of_codes else i
+                live.setdefault(node.output, [start, i])
         for name in node.inputs:
-            if name in live:
-                live[name][1] = i
+            if storage(name) in live:
+                live[storage(name)][1] = i
     flat = {n.output for n in nodes if n.op == "flatten"}
     sizes = {
         name: int(np.prod(program.tensors[name].shape))
@@ -89,6 +110,13 @@ def test_arena_plan_never_overlaps_two_live_tensors():
     convs = [n.output for n in nodes if n.op == "conv2d"]
     assert set(convs) <= set(fused) and not set(fused) & set(offsets)
     assert program.nodes[-2].op == "requantize" and program.nodes[-2].inputs[0] not in fused
+    # every residual add is the epilogue of its block's second conv, its codes never stored
+    assert len(adds) == sum(n.op == "add" for n in nodes) == 9
+    assert not set(adds) & set(offsets)
+    assert in_place and all(offsets[y] == offsets[storage(y)] for y in in_place)
+    # and the peak shrinks: a block's add output no longer needs bytes of its own
+    monkeypatch.setattr("lsqint.export.c_code.fused_adds", lambda program: {})
+    assert plan_arena(program)[1] > total
 
 
 @needs_cc
@@ -617,6 +645,61 @@ def test_cortex_m4_packed_kernels_are_taken_and_exact(tmp_path):
         assert any(k.startswith("dsp-pack") for k in kernels.values()), kernels
     grouped = generate_c(programs[-1][0])[2].dsp_kernels
     assert grouped["conv2"].startswith("dsp-pack") and grouped["conv3"].startswith("dsp-pack")
+
+
+class TwoAdds(nn.Module):
+    """Two residual adds: the first one's other input is read again after the layer (by conv3),
+    so it cannot be overwritten; the second one's (the first add's output) can."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv0(self.normalize(x)))
+        a = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        b = torch.relu(a + self.conv3(x))
+        return self.fc(torch.flatten(self.pool(b), 1))
+
+
+@pytest.mark.mcu
+@needs_arm
+@needs_cc
+def test_residual_adds_fused_into_the_layer_in_place_only_where_safe(tmp_path, monkeypatch):
+    """fused_adds: both adds become their layer's epilogue (the layer's codes are never
+    stored); the first writes its own bytes because conv3 reads its other input afterwards,
+    the second overwrites its other input in place. The programs stay == the reference in the
+    host C runtime (portable epilogue) and on the Cortex-M4 (table at 2 bits, SMULL high word
+    at 8 bits), and the arena is no larger than without the fusion."""
+    torch.manual_seed(8)
+    images = torch.randint(0, 256, (3, 3, 9, 11), dtype=torch.uint8)
+    for bits in (2, 8):
+        program = quantize(TwoAdds().eval(), QuantConfig(bits, bits), images)[1]
+        adds = fused_adds(program)
+        assert len(adds) == 2, adds
+        by_layer = {}
+        for codes, f in adds.items():
+            writer = next(n for n in program.nodes if n.op == "requantize" and n.output == codes)
+            conv = next(n for n in program.nodes if n.output == writer.inputs[0])
+            by_layer[conv.name] = f.in_place
+        assert by_layer == {"conv2": False, "conv3": True}, by_layer
+        offsets, arena = plan_arena(program)
+        assert not set(adds) & set(offsets)
+        with monkeypatch.context() as patch:
+            patch.setattr("lsqint.export.c_code.fused_adds", lambda program: {})
+            assert plan_arena(program)[1] >= arena
+        expected = run(program, images.numpy())
+        assert np.array_equal(CompiledC(program)(images.numpy()), expected), bits
+        firmware = build_firmware(program, images.numpy(), tmp_path / f"b{bits}", opt="-O2")
+        assert np.array_equal(run_qemu(firmware, timeout=300), expected), bits
+        source = generate_c(program)[1]
+        assert ("_alut_" if bits == 2 else "_ahi_") in source and "_a64_" in source
 
 
 class GroupedWide(nn.Module):

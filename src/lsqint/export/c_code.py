@@ -144,20 +144,48 @@ _LAYER_FORMS = {
     # USAT/SSAT where the code range is a saturation range, else lq_clamp32 of constants.
     "rqs": {
         "{OUT_NAME}": "_rqs_{YN}_{SATN}",
-        "{OUT_PARAMS}": "{Y} *y, const int32_t *q, int32_t kk",
+        "{OUT_PARAMS}": "{OUT_T} *y, const int32_t *q, int32_t kk",
         "{OUT_T}": "{Y}",
         "{LQ_V}": "#define LQ_V(acc, ch) (({Y}){SAT})",
     },
     "rq": {
         "{OUT_NAME}": "_rq_{YN}",
-        "{OUT_PARAMS}": "{Y} *y, const int32_t *m, const int8_t *t, int pc, int64_t lo, int64_t hi",
+        "{OUT_PARAMS}": "{OUT_T} *y, const int32_t *m, const int8_t *t, int pc, int64_t lo, "
+        "int64_t hi",
         "{OUT_T}": "{Y}",
         "{LQ_V}": "#define LQ_V(acc, ch) \\\n"
         "    (({Y})LQ_REQUANT((acc), m[pc ? (ch) : 0], t[pc ? (ch) : 0], lo, hi))",
         "{PLANE}": "plane",
         "{PLANE_PARAM}": ", int32_t *plane",
         "{EMIT}": "\n        for (oy = 0; oy < OH * OW; oy++)"
-        "\n            y[(int32_t)o * OH * OW + oy] = LQ_V(yo[oy], o);",
+        "\n            y[(int32_t)o * OH * OW + oy] ="
+        "\n                LQ_E(LQ_V(yo[oy], o), (int32_t)o * OH * OW + oy);",
+    },
+}
+
+# What a fused layer does with each code before storing it (``LQ_E(v, i)``, i: the element's
+# index): nothing, or the residual add whose only other input is ``xo`` (``fused_adds``): the
+# add's int64 rule (both builds), or its table of every result (``add_lut``, DSP builds). The
+# layer then writes the add's {Z} codes; in place over ``xo`` where nothing else reads it later.
+_EPILOGUES = {
+    None: {"{EPIN}": "", "{EPI_PARAMS}": "", "{LQ_E}": "#define LQ_E(v, i) (v)"},
+    "add64": {
+        "{EPIN}": "_a64_{BN}_{ZN}",
+        "{EPI_PARAMS}": ", const {B} *xo, int64_t ma, int64_t mb, int ash, int64_t alo, "
+        "int64_t ahi",
+        "{LQ_E}": "#define LQ_E(v, i) \\\n"
+        "    lq_round_clamp((int64_t)(v) * ma + (int64_t)xo[i] * mb, ash, alo, ahi)",
+    },
+    "addhi": {  # lq_add_hi's rule (add_table) and its saturation {ASAT}
+        "{EPIN}": "_ahi_{BN}_{ZN}_{ASATN}",
+        "{EPI_PARAMS}": ", const {B} *xo, int32_t akk, int32_t ama, int32_t amb, int32_t arnd, "
+        "int ash",
+        "{LQ_E}": "#define LQ_E(v, i) ({ASAT})",
+    },
+    "addlut": {
+        "{EPIN}": "_alut_{BN}_{ZN}",
+        "{EPI_PARAMS}": ", const {B} *xo, const {Z} *lut, int32_t sa, int32_t sb, int32_t off",
+        "{LQ_E}": "#define LQ_E(v, i) lut[(int32_t)(v) * sa + (int32_t)xo[i] * sb + off]",
     },
 }
 
@@ -199,6 +227,7 @@ static void lq_conv_{XN}{OUT_NAME}(const {X} *x, int C, int H, int W, const uint
     }
 }
 #undef LQ_V
+#undef LQ_E
 #endif
 """,
     "linear": r"""
@@ -212,10 +241,11 @@ static void lq_linear_{XN}{OUT_NAME}(const {X} *x, int I, const uint8_t *w, int 
         int32_t acc = bias[o];
         lq_unpack(w, bits, (int32_t)o * I, I, row);
         for (i = 0; i < I; i++) acc += (int32_t)x[i] * row[i];
-        y[o] = LQ_V(acc, o);
+        y[o] = LQ_E(LQ_V(acc, o), o);
     }
 }
 #undef LQ_V
+#undef LQ_E
 #endif
 """,
     "requantize": r"""
@@ -474,6 +504,47 @@ def fused_requantizes(program: IntProgram) -> dict[str, Node]:
     return fused
 
 
+@dataclass
+class FusedAdd:
+    """A residual add run as the epilogue of the layer that computes one of its inputs."""
+
+    add: Node
+    other: str  # the add's other input: read elementwise by the layer
+    conv_is_a: bool  # the layer's codes are the add's first input
+    in_place: bool  # the add's output overwrites ``other`` (nothing reads it afterwards)
+
+
+def fused_adds(program: IntProgram) -> dict[str, FusedAdd]:
+    """A fused conv/linear's codes (its requantize's output) -> the add that is their only
+    reader, when the add's other input is computed before the layer: the C export writes the
+    add's codes from the layer, so the layer's codes are never stored. In place over the other
+    input when every other reader of it runs before the layer (the layer reads element i of it
+    just before writing element i) and it is not the caller's pixels or a view."""
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(program.nodes):
+        for name in node.inputs:
+            readers.setdefault(name, []).append(i)
+    written = {node.output: i for i, node in enumerate(program.nodes)}
+    views = {node.inputs[0] for node in program.nodes if node.op in ("flatten", "reshape")}
+    out: dict[str, FusedAdd] = {}
+    for layer_out, requantize in fused_requantizes(program).items():
+        codes, layer = requantize.output, written[layer_out]
+        after = readers.get(codes, [])
+        if len(after) != 1 or program.nodes[after[0]].op != "add":
+            continue
+        add = program.nodes[after[0]]
+        if add.inputs[0] == add.inputs[1] or program.tensors[add.output].dtype not in C_TYPES:
+            continue
+        conv_is_a = add.inputs[0] == codes
+        other = add.inputs[1] if conv_is_a else add.inputs[0]
+        if other not in written or written[other] >= layer:
+            continue  # the pixels, or computed after the layer
+        in_place = other not in views and all(i < layer for i in readers[other] if i != after[0])
+        in_place = in_place and program.tensors[add.output].dtype in ("uint8", "int8")
+        out[codes] = FusedAdd(add, other, conv_is_a, in_place)
+    return out
+
+
 def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
     """Byte offset of every activation tensor in one arena, and the arena's size.
 
@@ -481,24 +552,40 @@ def plan_arena(program: IntProgram) -> tuple[dict[str, int], int]:
     whose lifetimes overlap get disjoint bytes (an op's output never overlaps its inputs).
     ``flatten`` and ``reshape`` write no bytes: the output is the input's buffer (same C order).
     A conv/linear fused with its requantize (``fused_requantizes``) stores no accumulator: the
-    codes are written by the layer, so they live from the layer on."""
-    alias: dict[str, str] = {}  # flatten output -> the tensor whose bytes it reuses
+    codes are written by the layer, so they live from the layer on; fused with an add too
+    (``fused_adds``), it stores no codes either but the add's output, in the bytes of the add's
+    other input when in place."""
+    alias: dict[
+        str, str
+    ] = {}  # flatten output (or in-place add) -> the tensor whose bytes it reuses
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     pixels = program.nodes[0].inputs[0]  # the caller's buffer, not the arena
     fused = fused_requantizes(program)
+    adds = fused_adds(program)
     fused_outputs = {req.output for req in fused.values()}
+    add_outputs = {f.add.output for f in adds.values()}
     for i, node in enumerate(program.nodes):
         for name in node.inputs:
-            if name != pixels and name not in fused:
+            if name != pixels and name not in fused and name not in adds:
                 root = alias.get(name, name)
                 last[root] = max(last[root], i)
         if node.op in ("flatten", "reshape"):
             alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
         elif node.output in fused:  # the layer writes its requantize's codes
             codes = fused[node.output].output
-            first[codes] = last[codes] = i
-        elif node.op != "output" and node.output not in fused_outputs:
+            if codes in adds:  # ... or the add's codes
+                f, y = adds[codes], adds[codes].add.output
+                if f.in_place:
+                    alias[y] = alias.get(f.other, f.other)
+                else:
+                    first[y] = last[y] = i
+                if f.other != pixels:  # read by the layer
+                    root = alias.get(f.other, f.other)
+                    last[root] = max(last[root], i)
+            else:
+                first[codes] = last[codes] = i
+        elif node.op != "output" and node.output not in fused_outputs | add_outputs:
             first[node.output] = last[node.output] = i
     sizes = {}
     for name in first:
@@ -538,6 +625,8 @@ class _Emitter:
         self.dsp_scratch = 1
         self.plane = 1  # int32 words: one output plane of a fused portable conv
         self.fused = fused_requantizes(program)
+        self.fused_adds = fused_adds(program)  # a fused layer's codes -> its add epilogue
+        self.fused_add_nodes = {f.add.name for f in self.fused_adds.values()}
         self.dsp_weight_bytes = 0
         self.weight_bytes = 0
         self.int8_bytes = 0
@@ -555,21 +644,35 @@ class _Emitter:
         form: str | None = None,
         text: str | None = None,
         sat: tuple[str, str] | None = None,
+        epi: str | None = None,
+        epi_sat: tuple[str, str] | None = None,
         **types: str,
     ):
         """Emit kernel ``op`` once per type combination (``form``: a layer kernel's form;
         ``text``: a generated kernel instead of one of _KERNELS; ``sat``: the "rqs" form's
-        clamp, (name, C expression), from ``saturation``)."""
+        clamp, (name, C expression), from ``saturation``; ``epi``: a fused layer's epilogue,
+        a key of _EPILOGUES, with the types B (the add's other input) and Z (its output);
+        ``epi_sat``: the "addhi" epilogue's saturation)."""
         text = _KERNELS[op] if text is None else text
-        for placeholder, value in _LAYER_FORMS[form].items() if form else ():
+        forms = dict(_LAYER_FORMS[form]) if form else {}
+        if form and epi:
+            forms["{OUT_T}"] = "{Z}"
+        if form:
+            forms["{OUT_NAME}"] += "{EPIN}"
+            forms["{OUT_PARAMS}"] += "{EPI_PARAMS}"
+            forms["{LQ_V}"] += "\n{LQ_E}"
+        for placeholder, value in [*forms.items(), *_EPILOGUES[epi].items()]:
             text = text.replace(placeholder, value)
         if sat is not None:
             text = text.replace("{SATN}", sat[0]).replace("{SAT}", sat[1])
+        if epi_sat is not None:
+            text = text.replace("{ASATN}", epi_sat[0]).replace("{ASAT}", epi_sat[1])
         for key, dtype in types.items():
             text = text.replace("{" + key + "N}", _type_name(dtype))
             text = text.replace("{" + key + "}", C_TYPES[dtype])
         key = op + (f"_{form}" if form else "") + "".join(f"_{types[k]}" for k in sorted(types))
-        key += f"_{sat[0]}" if sat else ""
+        key += (f"_{sat[0]}" if sat else "") + (f"_{epi}" if epi else "")
+        key += f"_{epi_sat[0]}" if epi_sat else ""
         self.kernels.setdefault(key, text)
 
 
@@ -643,7 +746,9 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         codes = e.tensors[requantize.output]
         m, per_channel = _requantize_consts(e, requantize, tag)
         form, types = "rq", {"X": x.dtype, "Y": codes.dtype}
-        name, y_ref = f"_rq_{_type_name(codes.dtype)}", e.ref(requantize.output)
+        name = f"_rq_{_type_name(codes.dtype)}"
+        if requantize.output not in e.fused_adds:  # (else the add's output, below)
+            y_ref = e.ref(requantize.output)
         a_rq = requantize.attrs
         out_args = (
             f", {tag}_m, {tag}_t, {per_channel}, {_int64_literal(a_rq['lo'])}, "
@@ -662,16 +767,54 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
         dsp_out_args = f", {tag}_q, {kk}"
         e.consts.append("#if LQ_DSP\n" + _array("int32_t", f"{tag}_q", q) + "#endif\n")
         e.dsp_weight_bytes += q.nbytes - 5 * m.size
+    # A residual add fused as the layer's epilogue: it writes the add's codes.
+    epi = dsp_epi = epi_sat = None
+    fused = e.fused_adds.get(requantize.output) if requantize is not None else None
+    if fused is not None:
+        add, z = fused.add, e.tensors[fused.add.output]
+        types.update(B=e.tensors[fused.other].dtype, Z=z.dtype)
+        y_ref, suffix = e.ref(add.output), f"_{_type_name(types['B'])}_{_type_name(z.dtype)}"
+        m_conv, m_other = (add.attrs["m_a"], add.attrs["m_b"])[:: 1 if fused.conv_is_a else -1]
+        add64 = (
+            f", {e.ref(fused.other)}, {_int64_literal(m_conv)}, {_int64_literal(m_other)}, "
+            f"{add.attrs['shift']}, {_int64_literal(add.attrs['lo'])}, "
+            f"{_int64_literal(add.attrs['hi'])}"
+        )
+        epi, name, out_args = "add64", name + "_a64" + suffix, out_args + add64
+        xa, xb = (e.tensors[t] for t in add.inputs)
+        lut = add_lut(add, xa, xb)
+        hi_table = add_table(add.attrs, absmax(xa), absmax(xb))
+        if lut is None and hi_table is not None:  # lq_add_hi's rule, the layer's code first
+            kk, ma, mb, rnd, sh = hi_table
+            ma, mb = (ma, mb)[:: 1 if fused.conv_is_a else -1]
+            value = "((int32_t)(((int64_t)((v) * akk) * ama + (int64_t)(xo[i] * akk) * amb) >> 32)"
+            lo, hi = int(add.attrs["lo"]), int(add.attrs["hi"])
+            epi_sat = saturation(lo, hi, value + " + arnd) >> ash")
+            dsp_epi, dsp_name = "addhi", dsp_name + "_ahi" + suffix + f"_{epi_sat[0]}"
+            dsp_out_args += f", {e.ref(fused.other)}, {kk}, {ma}, {mb}, {rnd}, {sh}"
+        elif lut is None:
+            dsp_epi, dsp_name = "add64", dsp_name + "_a64" + suffix
+            dsp_out_args += add64
+        else:  # index (a - a_lo) nb + (b - b_lo), a or b the layer's code
+            nb = xb.qmax - xb.qmin + 1
+            sa, sb = (nb, 1) if fused.conv_is_a else (1, nb)
+            off = -(xa.qmin * nb + xb.qmin)
+            e.consts.append(
+                "#if LQ_DSP\n" + _array(C_TYPES[z.dtype], f"{tag}_alut", lut) + "#endif\n"
+            )
+            e.dsp_weight_bytes += lut.size
+            dsp_epi, dsp_name = "addlut", dsp_name + "_alut" + suffix
+            dsp_out_args += f", {e.ref(fused.other)}, {tag}_alut, {sa}, {sb}, {off}"
     if plan is None:
         e.kernel("im2col", X=x.dtype, C="int16")
         e.kernel("dot2x2")
-        e.kernel("conv2d_dsp", dsp_form, sat=sat, **types)
+        e.kernel("conv2d_dsp", dsp_form, sat=sat, epi=dsp_epi, epi_sat=epi_sat, **types)
     else:
         e.kernel(f"packed_dot_{v}_{n}_{r}", text=packed_dot_asm(v, n, r))
         e.kernel("im2col", X=x.dtype, C="uint8")
-        e.kernel("conv2d_pk", dsp_form, sat=sat, **types)
+        e.kernel("conv2d_pk", dsp_form, sat=sat, epi=dsp_epi, epi_sat=epi_sat, **types)
     if node.op == "conv2d":
-        e.kernel("conv2d", form, **types)
+        e.kernel("conv2d", form, epi=epi, **types)
         cin, h, w = x.shape
         cout, oh, ow = out.shape
         kh, kw = weight.shape[2:]
@@ -689,7 +832,7 @@ def _c_layer(e: _Emitter, node: Node, tag: str) -> None:
             f"{y_ref}{out_args}, {geometry}, lq_row{plane});"
         )
     else:
-        e.kernel("linear", form, **types)
+        e.kernel("linear", form, epi=epi, **types)
         cin, h, w = weight.shape[1], 1, 1
         geometry = f"{weight.shape[0]}, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1"
         portable = (
@@ -743,6 +886,9 @@ def _c_requantize(e: _Emitter, node: Node, tag: str) -> None:
 
 
 def _c_add(e: _Emitter, node: Node, tag: str) -> None:
+    if node.name in e.fused_add_nodes:
+        e.calls.append(f"/* {node.name}: the epilogue of the layer before it */")
+        return
     a, out = node.attrs, e.tensors.get(node.output)
     xa, xb = (e.tensors[n] for n in node.inputs)
     names = f"{_type_name(xa.dtype)}_{_type_name(xb.dtype)}_{_type_name(out.dtype)}"

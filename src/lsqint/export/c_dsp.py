@@ -400,16 +400,18 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
                                (p + 1) % OW, Kp, col1);
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
-                {OUT_T} *ya = y + (int32_t)oa * P + p, v0, v1;
+                int32_t i0 = (int32_t)oa * P + p; /* the element index (LQ_E) */
+                {OUT_T} *ya = y + i0, v0, v1;
                 s[0] = s[1] = bias[oa];
                 s[2] = s[3] = pair ? bias[oa + 1] : 0;
                 lq_dot2x2(w + ((int32_t)g * og2 + o) * Kp, col0, c1, s);
                 /* both values before the stores (a {Y} store may alias the constants); the
                  * second pixel's first, so that without one the first overwrites it */
-                v0 = LQ_V(s[0], oa), v1 = LQ_V(s[1], oa);
+                v0 = LQ_E(LQ_V(s[0], oa), i0), v1 = LQ_E(LQ_V(s[1], oa), i0 + two);
                 ya[two] = v1, ya[0] = v0;
                 if (pair) {
-                    v0 = LQ_V(s[2], oa + 1), v1 = LQ_V(s[3], oa + 1);
+                    v0 = LQ_E(LQ_V(s[2], oa + 1), i0 + P);
+                    v1 = LQ_E(LQ_V(s[3], oa + 1), i0 + P + two);
                     ya[P + two] = v1, ya[P] = v0;
                 }
             }
@@ -417,6 +419,7 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
     }
 }
 #undef LQ_V
+#undef LQ_E
 #endif
 """,
     "conv2d_pk": r"""
@@ -475,14 +478,16 @@ static void lq_conv_pk_{XN}{OUT_NAME}(
             sx0 *= woff, sx1 *= woff;
             for (o = 0; o < og; o += 2) {
                 int oa = g * og + o, pair = o + 1 < og;
-                {OUT_T} *ya = y + (int32_t)oa * P + p, v0, v1;
+                int32_t i0 = (int32_t)oa * P + p; /* the element index (LQ_E) */
+                {OUT_T} *ya = y + i0, v0, v1;
                 dot(u + ((int32_t)g * og2 + o) * words, mixed, s, passes);
                 /* as in lq_conv_dsp: values first, the second pixel's store first */
-                v0 = LQ_V(bias[oa] + (s[0] + sx0), oa), v1 = LQ_V(bias[oa] + (s[1] + sx1), oa);
+                v0 = LQ_E(LQ_V(bias[oa] + (s[0] + sx0), oa), i0);
+                v1 = LQ_E(LQ_V(bias[oa] + (s[1] + sx1), oa), i0 + two);
                 ya[two] = v1, ya[0] = v0;
                 if (pair) {
-                    v0 = LQ_V(bias[oa + 1] + (s[2] + sx0), oa + 1);
-                    v1 = LQ_V(bias[oa + 1] + (s[3] + sx1), oa + 1);
+                    v0 = LQ_E(LQ_V(bias[oa + 1] + (s[2] + sx0), oa + 1), i0 + P);
+                    v1 = LQ_E(LQ_V(bias[oa + 1] + (s[3] + sx1), oa + 1), i0 + P + two);
                     ya[P + two] = v1, ya[P] = v0;
                 }
             }
@@ -490,6 +495,7 @@ static void lq_conv_pk_{XN}{OUT_NAME}(
     }
 }
 #undef LQ_V
+#undef LQ_E
 #endif
 """,
     "add_hi": r"""
