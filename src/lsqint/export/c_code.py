@@ -9,7 +9,11 @@ only ``<stdint.h>`` and ``<string.h>``: no float or double anywhere, no malloc. 
 ``const`` arrays (flash) in the artifact's packed b-bit form (``artifact.pack_bits``: code +
 2^(b-1), least significant bit first), unpacked one output channel at a time into a small scratch
 row. Activations live in one static arena whose layout is planned here from tensor lifetimes
-(first fit, largest tensor first); ``NAME_ARENA_BYTES`` is the peak RAM besides the stack.
+(first fit, largest tensor first); ``NAME_ARENA_BYTES`` is the peak RAM besides the stack. A
+conv/linear writes the codes of the requantize that reads it (``fused_requantizes``), and the
+output of a residual add that reads those codes (``fused_adds``), in place where it can, so
+neither its int32 accumulator nor its codes are stored. On cores with the Arm DSP extension the
+kernels and layouts of ``c_dsp`` are compiled instead of the portable loops.
 
 Semantics are the reference runtime's, op by op (``runtime/reference.py``). The integer widths
 follow the proofs ``verify`` checks: conv/linear/avgpool accumulators fit int32 (``acc_bound``
