@@ -117,10 +117,15 @@ def instruction_rows(label, program, images, tmp: Path) -> dict:
     macs = program_macs(program)
     row = {"program": label, "macs": macs}
     # the DSP build's kernel per conv/linear, counted: {"dsp-smlad": 2, "dsp-pack4 n=6": 7}
-    dsp_kernels = generate_c(program)[2].dsp_kernels
+    export = generate_c(program)[2]
+    dsp_kernels = export.dsp_kernels
     row["dsp_kernels"] = {
         k: list(dsp_kernels.values()).count(k) for k in sorted(set(dsp_kernels.values()))
     }
+    # peak RAM of the model besides the stack: the planned arena and each build's scratch
+    row["arena_bytes"] = export.arena_bytes
+    row["dsp_scratch_bytes"] = export.dsp_scratch_bytes
+    row["portable_scratch_bytes"] = export.scratch_bytes
     for kernels in ("dsp", "portable"):
         for opt in ("-O2", "-Os"):
             out = tmp / f"count{kernels}{opt}"
