@@ -702,6 +702,39 @@ def test_residual_adds_fused_into_the_layer_in_place_only_where_safe(tmp_path, m
         assert ("_alut_" if bits == 2 else "_ahi_") in source and "_a64_" in source
 
 
+class LateShortcut(nn.Module):
+    """A block whose shortcut conv runs after the main path's last conv: the add can only be
+    the shortcut's epilogue (the main path's codes exist by then), not the main path's."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = Normalize((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.shortcut = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.normalize(x)
+        main = self.conv2(torch.relu(self.conv1(x)))
+        side = self.shortcut(x)
+        return self.fc(torch.flatten(torch.relu(main + side).mean((2, 3), keepdim=True), 1))
+
+
+@needs_cc
+def test_an_add_is_fused_only_into_the_layer_that_runs_after_its_other_input():
+    """fused_adds picks the conv that runs second (its other input is ready), and the program
+    stays == the reference in the host C runtime."""
+    torch.manual_seed(9)
+    images = torch.randint(0, 256, (3, 3, 7, 9), dtype=torch.uint8)
+    program = quantize(LateShortcut().eval(), QuantConfig(4, 4), images)[1]
+    adds = fused_adds(program)
+    writers = {n.output: n for n in program.nodes}
+    layers = [writers[writers[codes].inputs[0]].name for codes in adds]
+    assert layers == ["shortcut"], layers
+    assert np.array_equal(CompiledC(program)(images.numpy()), run(program, images.numpy()))
+
+
 class GroupedWide(nn.Module):
     """Grouped convs with many channels per group (the packed kernels' channel pairs within a
     group, an odd count in one), stride 2, odd image sides."""
