@@ -377,7 +377,9 @@ __attribute__((naked, noinline)) static void lq_dot2x2(const int8_t *w, const in
  * some of the products, so |sum| <= sum|w| max|x| + |bias| = the layer's acc_bound < 2^31
  * (checked by verify), and no SMLAD wraps. A channel without a partner (odd channel count per
  * group) is paired with zero weights, a pixel without one with a copy of its own column; the
- * results of both are not stored. */
+ * results of both are not stored. Each stored value is LQ_E(LQ_V(acc), i): the fused
+ * requantize, then the fused add's epilogue if any (c_code's _EPILOGUES), reading element i of
+ * the add's other input just before writing element i. */
 static void lq_conv_dsp_{XN}{OUT_NAME}(
     const {X} *x, int C, int H, int W, const int8_t *w, int Kp, const int32_t *bias,
     {OUT_PARAMS}, int O, int OH, int OW, int KH, int KW, int SH, int SW, int PH, int PW, int DH,
@@ -431,7 +433,7 @@ static void lq_conv_dsp_{XN}{OUT_NAME}(
  * (v = 4: the bytes as they are; v = 3: 11-bit fields), the two pixels' words interleaved,
  * and summed (sx); the weights are u = w - woff >= 0, so acc = bias + sum(u * x) + woff * sx,
  * the exact accumulator (each term inside int32, checked at export; their total is the
- * layer's, within its acc_bound). */
+ * layer's, within its acc_bound). Stored values as in lq_conv_dsp (LQ_E of LQ_V). */
 static void lq_conv_pk_{XN}{OUT_NAME}(
     const {X} *x, int C, int H, int W, const uint32_t *u, int Kp, int v, int32_t woff,
     lq_packed_fn dot, int32_t passes, const int32_t *bias, {OUT_PARAMS}, int O, int OH, int OW,
