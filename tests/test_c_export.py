@@ -315,6 +315,26 @@ def test_dsp_requantize_in_32_bit_steps_equals_the_rule(tmp_path):
     assert got == expected
 
 
+def _printed_on_m4(tmp_path, body: str, loops: str) -> list[int]:
+    """The integers a firmware prints on qemu's Cortex-M4: the DSP path's helpers (_HELPERS:
+    lq_smmla, lq_clamp32, ...), then ``body`` (tables, kernels), then ``loops`` inside main
+    (with an ``unsigned i``)."""
+    from lsqint.export.c_code import _HELPERS
+
+    main_c = tmp_path / "main.c"
+    main_c.write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n#include <arm_acle.h>\n"
+        "#define LQ_DSP 1\n"
+        + _HELPERS
+        + body
+        + "void SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
+        + loops
+        + "    return 0;\n}\n"
+    )
+    firmware = link_firmware([main_c], tmp_path / "main.elf", opt="-O2")
+    return [int(line) for line in qemu_output(firmware, timeout=300).split()]
+
+
 @pytest.mark.mcu
 @needs_arm
 def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
@@ -371,19 +391,7 @@ def test_dsp_add_in_32_bit_words_equals_the_rule(tmp_path):
         '        printf("%ld\\n", (long)y);\n    }\n'
         for n, (lo, hi) in enumerate(ranges)
     )
-    main_c = tmp_path / "main.c"
-    main_c.write_text(
-        "#include <stdint.h>\n#include <stdio.h>\n#include <arm_acle.h>\n#define LQ_DSP 1\n"
-        "static inline int32_t lq_clamp32(int32_t v, int32_t lo, int32_t hi)\n"
-        "{ return v < lo ? lo : (v > hi ? hi : v); }\n"
-        + body
-        + "void SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
-        + loops
-        + "    return 0;\n}\n"
-    )
-    firmware = link_firmware([main_c], tmp_path / "add.elf", opt="-O2")
-    got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
-    assert got == expected
+    assert _printed_on_m4(tmp_path, body, loops) == expected
 
 
 @pytest.mark.mcu
@@ -395,7 +403,6 @@ def test_dsp_fused_requantize_table_equals_the_rule(tmp_path):
     +-acc_bound and random inside it, the largest bound requant_table accepts for the shift,
     per-channel shifts mixing small and large; requant_table refuses a bound that 2^k would
     carry out of int32, and shifts that would pass 62."""
-    from lsqint.export.c_code import _HELPERS
     from lsqint.export.c_dsp import requant_table, saturation
 
     assert requant_table(np.array([2**30]), np.array([20]), 1, 2**20) is None  # 2^33 acc
@@ -432,19 +439,7 @@ def test_dsp_fused_requantize_table_equals_the_rule(tmp_path):
             f"        const int32_t *c = cases_{name}[i];\n"
             f'        printf("%ld\\n", (long)({expr}));\n    }}\n'
         )
-    main_c = tmp_path / "main.c"
-    main_c.write_text(
-        "#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n#include <arm_acle.h>\n"
-        "#define LQ_DSP 1\n"
-        + _HELPERS
-        + body
-        + "void SystemInit(void) {}\nint main(void)\n{\n    unsigned i;\n"
-        + loops
-        + "    return 0;\n}\n"
-    )
-    firmware = link_firmware([main_c], tmp_path / "rq.elf", opt="-O2")
-    got = [int(line) for line in qemu_output(firmware, timeout=300).split()]
-    assert got == [v for r in ranges for v in expected[r]]
+    assert _printed_on_m4(tmp_path, body, loops) == [v for r in ranges for v in expected[r]]
 
 
 def test_add_table_of_every_result_is_the_reference():
